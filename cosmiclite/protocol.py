@@ -284,3 +284,44 @@ def questions_by_kind(protocol: Protocol, ids: Iterable[str]) -> dict[str, list[
     for qid in ids:
         out[protocol.question(qid).kind].append(qid)
     return out
+
+
+def resolve_image(ref: str, base_dir: str | Path | None = None) -> Path:
+    """The file an annotation's `image` names: a path relative to `base_dir` (the annotation's folder),
+    or ``pkg:PACKAGE/path/inside`` for a file shipped inside an installed package.
+
+    Why `pkg:`: a real photograph can then be annotated without copying it into the kit (and its
+    licence along with it); e.g. ``pkg:matplotlib/mpl-data/sample_data/grace_hopper.jpg``.
+    """
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"image reference must be a non-empty string, got {ref!r}; use a path relative to "
+                         "the annotation file or 'pkg:PACKAGE/path/inside/it'")
+    if ref.startswith("pkg:"):
+        import importlib.resources
+
+        package, _, inner = ref[4:].partition("/")
+        if not package or not inner:
+            raise ValueError(f"image reference {ref!r}: write it as 'pkg:PACKAGE/path/inside/it', e.g. "
+                             "'pkg:matplotlib/mpl-data/sample_data/grace_hopper.jpg'")
+        try:
+            path = Path(str(importlib.resources.files(package).joinpath(inner)))
+        except ModuleNotFoundError:
+            raise FileNotFoundError(f"image reference {ref!r}: package {package!r} is not installed; "
+                                    f"install it (pip install {package}) or point 'image' at a file") from None
+    else:
+        path = Path(base_dir or ".") / ref
+    if not path.is_file():
+        raise FileNotFoundError(f"image {ref!r} not found (looked at {str(path)!r}); fix the annotation's "
+                                "'image' field or pass base_dir= the folder of the annotation file")
+    return path
+
+
+def load_image(annotation: Annotation, base_dir: str | Path | None = None):
+    """The annotated photo as an RGB PIL image (see `resolve_image` for how `annotation.image` is found)."""
+    from PIL import Image
+
+    if annotation.image is None:
+        raise ValueError("this annotation has no 'image' field; set Annotation.image to a path relative to "
+                         "the annotation file or to 'pkg:PACKAGE/path/inside/it'")
+    with Image.open(resolve_image(annotation.image, base_dir)) as im:
+        return im.convert("RGB")
