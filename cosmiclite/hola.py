@@ -1,0 +1,315 @@
+"""HOLA — Human Body and Outfit Guided Loss for Alignment (CosmicMan, Sec. 4.3, Eq. 3 and Eq. 4).
+
+Given the cross-attention maps m_j of every caption token j, the token spans [s_i, e_i) of the caption
+groups (Sec. 4.2: C_body = c_(s1,e1), C_outfit = {c_(s2,e2) … c_(sN,eN), c_other}) and the semantic
+masks h_i of those groups (h_1 = the whole person, h_2 … h_N = outfit parts), HOLA is
+
+    L_HOLA = 1/N Σ_i ( Σ_{j∈[s_i,e_i)} ‖m_j − h_i‖²  +  ‖ (1/(e_i−s_i)) Σ_{j∈[s_i,e_i)} m_j − h_i ‖² )   (Eq. 3)
+
+The first term pulls every token's map onto its group's region; the second asks only the *mean* map of
+the group to cover the region (a word like "sleeves" need not light up the whole top, but the group
+"short-sleeve red t-shirt" should). The training objective is
+
+    L = α · L_noise + β · L_HOLA                                                                       (Eq. 4)
+
+The paper leaves many choices open. Each one is a field of `HolaConfig` with a stated default; the
+defaults follow CosmicMan's public SDXL training code (`loss.py`, `train_sdxl.py`), which settles
+them in practice:
+
+* which maps: cross-attention maps at 1/16 of the image side (64×64 at 1024 px) — `resolutions="1/16"`;
+  every layer at that resolution, averaged.
+* heads: the loss is taken per head, after the softmax, then averaged — `heads="per_head"`.
+* normalisation: none — raw softmax probabilities against the 0/1 mask — `normalize="none"`.
+  (A raw m_j sums to 1 with the other 76 tokens at each pixel, so it can only reach 1 where the
+  token takes all the attention; "max" and "sum" are there to show what rescaling changes.)
+* ‖·‖²: averaged over pixels (a mean squared error), not summed — `pixel_reduction="mean"`.
+* how the per-token and group-mean terms are pooled: CosmicMan concatenates every token map and every
+  group-mean map of a sample and takes one mean — `weighting="pooled"`. The paper's literal Eq. 3
+  (sum over tokens, 1/N over groups) is `weighting="eq3"`; `"group"` gives each group equal weight.
+* groups without a mask (c_other) have no h_i: they are never in the input. Groups absent from the
+  caption (span −1) or from the image (`present` False) are skipped; groups whose mask is empty at a
+  resolution are skipped there (`empty_masks="skip"`), so the loss stays finite and pulls nothing to 0.
+* α = β = 1, and the mask loss is dropped for 10 % of samples (`drop_prob=0.1`, see `sample_keep`).
+
+But: maps are compared at the resolutions the caller captures; masks are resized here (bilinear, as
+CosmicMan) only when the caller did not supply that resolution. Spans must not overlap (each token
+belongs to at most one group) — the discretizer guarantees that, and this module checks it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["HolaConfig", "HolaTerms", "hola_loss", "hola_terms", "token_membership", "daring_loss"]
+
+Maps = Mapping[int, "torch.Tensor | Sequence[torch.Tensor]"]
+
+_CHOICES = {
+    "heads": ("per_head", "mean"),
+    "normalize": ("none", "max", "sum"),
+    "pixel_reduction": ("mean", "sum"),
+    "weighting": ("pooled", "eq3", "group"),
+    "empty_masks": ("skip", "keep"),
+    "mask_resize": ("bilinear", "area"),
+}
+
+
+@dataclass(frozen=True)
+class HolaConfig:
+    """Every choice Eq. 3 / Eq. 4 leave open, with CosmicMan's public training code as the default.
+
+    resolutions:     which captured map resolutions enter the loss: "1/16" (a fraction of the image side,
+                     CosmicMan's `attn_map_size=16`; needs `image_size`), "all", or explicit sides e.g. (8, 16).
+    heads:           "per_head" — loss per attention head, then averaged (CosmicMan); "mean" — average the
+                     heads' maps first, then one loss.
+    normalize:       how each token map m_j is scaled before the comparison: "none" (raw softmax, CosmicMan);
+                     "max" — divide by its maximum over pixels; "sum" — rescale so Σ_p m_j equals the mask
+                     area Σ_p h_i (same mass as the target).
+    pixel_reduction: ‖·‖² "mean" over pixels (CosmicMan's MSE) or "sum" (the literal squared L2 norm).
+    weighting:       "pooled" — all token terms and group-mean terms of a sample averaged together (CosmicMan);
+                     "eq3" — 1/N Σ_i (Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²), the paper literally;
+                     "group" — like eq3 but each group's bracket divided by (e_i−s_i+1), so groups weigh equally.
+    empty_masks:     "skip" a group whose mask is empty at a resolution (default) or "keep" it (target all 0).
+    mask_resize:     how a mask is resized when the caller gave no mask at a map's resolution.
+    alpha, beta:     the weights of Eq. 4.
+    drop_prob:       probability that a sample's HOLA term is dropped (CosmicMan: 0.1); see `sample_keep`.
+    eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
+    """
+
+    resolutions: str | tuple[int, ...] = "1/16"
+    heads: Literal["per_head", "mean"] = "per_head"
+    normalize: Literal["none", "max", "sum"] = "none"
+    pixel_reduction: Literal["mean", "sum"] = "mean"
+    weighting: Literal["pooled", "eq3", "group"] = "pooled"
+    empty_masks: Literal["skip", "keep"] = "skip"
+    mask_resize: Literal["bilinear", "area"] = "bilinear"
+    alpha: float = 1.0
+    beta: float = 1.0
+    drop_prob: float = 0.1
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"HolaConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        r = self.resolutions
+        if isinstance(r, list):
+            object.__setattr__(self, "resolutions", r := tuple(r))
+        if isinstance(r, str):
+            if r != "all" and not (r.startswith("1/") and r[2:].isdigit() and int(r[2:]) > 0):
+                raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
+        elif not (isinstance(r, tuple) and r and all(isinstance(x, int) and x > 0 for x in r)):
+            raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"HolaConfig alpha={self.alpha}, beta={self.beta}: Eq. 4 weights must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> "HolaConfig":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"hola: unknown key(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if isinstance(d.get("resolutions"), list):
+            d["resolutions"] = tuple(d["resolutions"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if isinstance(d["resolutions"], tuple):
+            d["resolutions"] = list(d["resolutions"])
+        return d
+
+    def sides(self, available: Sequence[int], image_size: int | None = None) -> list[int]:
+        """The map sides that enter the loss, checked against the captured ones."""
+        available = sorted(int(a) for a in available)
+        if self.resolutions == "all":
+            return available
+        if isinstance(self.resolutions, str):
+            if image_size is None:
+                raise ValueError(f"HolaConfig.resolutions={self.resolutions!r} is a fraction of the image side: "
+                                 "pass image_size=, or give explicit sides like resolutions=(16,)")
+            wanted = [image_size // int(self.resolutions[2:])]
+        else:
+            wanted = list(self.resolutions)
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise ValueError(f"HOLA wants attention maps at {missing} but only {available} were captured: "
+                             "set hola.resolutions to captured sides (or capture those layers)")
+        return wanted
+
+    def sample_keep(self, batch_size: int, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B,) bool: which samples keep their HOLA term this step (CosmicMan drops it for 10 %)."""
+        u = torch.rand(batch_size, generator=generator)
+        return (u >= self.drop_prob).to(device)
+
+
+@dataclass
+class HolaTerms:
+    """The loss and its parts (for logging and the notebooks).
+
+    loss:       the reduced L_HOLA (a scalar tensor with grad).
+    token_term: mean of the per-token errors ‖m_j − h_i‖² over all (sample, layer, head, token) kept.
+    group_term: mean of the group-mean errors ‖m̄_i − h_i‖² over all (sample, layer, head, group) kept.
+    n_groups:   number of (sample, resolution, group) triples that entered the loss.
+    n_samples:  number of samples with at least one group in the loss (the batch mean's denominator).
+    """
+
+    loss: torch.Tensor
+    token_term: torch.Tensor
+    group_term: torch.Tensor
+    n_groups: int
+    n_samples: int
+
+
+def token_membership(spans: torch.Tensor, num_tokens: int = 77) -> torch.Tensor:
+    """(B,G,2) half-open spans (−1 = absent) -> (B,G,T) bool, W[b,i,j] = s_i <= j < e_i.
+
+    One comparison against an arange: no Python loop over tokens.
+    """
+    if spans.ndim != 3 or spans.shape[-1] != 2:
+        raise ValueError(f"spans must have shape (B, G, 2), got {tuple(spans.shape)}")
+    s, e = spans[..., 0:1].long(), spans[..., 1:2].long()
+    if (e > num_tokens).any():
+        raise ValueError(f"spans end past the {num_tokens} tokens of the maps: max end {int(e.max())}")
+    j = torch.arange(num_tokens, device=spans.device)
+    return (s >= 0) & (j >= s) & (j < e)
+
+
+def _stack_layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int) -> torch.Tensor:
+    """Captured maps at one resolution -> (L, B, heads, P, T)."""
+    if isinstance(m, (list, tuple)):
+        if not m:
+            raise ValueError(f"maps[{res}] is an empty list: no layer was captured at that resolution")
+        m = torch.stack([x if x.ndim == 4 else x.unsqueeze(1) for x in m])
+    elif m.ndim == 4:
+        m = m.unsqueeze(0)            # one layer
+    elif m.ndim == 3:
+        m = m[None, :, None]          # one layer, heads already averaged
+    if m.ndim != 5 or m.shape[3] != res * res:
+        raise ValueError(f"maps[{res}] must be (B, heads, {res}*{res}, T), a list of those, or stacked "
+                         f"(L, B, heads, {res * res}, T); got {tuple(m.shape)}")
+    return m
+
+
+def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.Tensor:
+    """(B,G,res,res) masks at `res`: the caller's if given, else resized from the nearest larger one."""
+    if res in masks:
+        return masks[res]
+    larger = sorted(k for k in masks if k > res) or sorted(masks, reverse=True)
+    if not larger:
+        raise ValueError("masks is empty: HOLA needs masks {side: (B, G, side, side)}")
+    src = masks[larger[0]].float()
+    return F.interpolate(src, size=(res, res), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+               config: HolaConfig | None = None, *, image_size: int | None = None,
+               keep: torch.Tensor | None = None) -> HolaTerms:
+    """Eq. 3 over a batch, vectorised, computed in float32 (float64 if the maps are float64).
+
+    maps:    {side: (B, heads, side*side, T)} softmax cross-attention maps, or a list of them per layer,
+             or stacked (L, B, heads, side*side, T).
+    spans:   (B, G, 2) token spans [s_i, e_i) of the G mask groups (−1 where a group is absent).
+    masks:   {side: (B, G, side, side)} semantic masks h_i in [0, 1].
+    present: (B, G) bool, group i is visible in the image.
+    keep:    (B,) bool, samples whose HOLA term counts (from `HolaConfig.sample_keep`); None = all.
+    """
+    cfg = config or HolaConfig()
+    if not maps:
+        raise ValueError("maps is empty: capture cross-attention maps in training mode first")
+    B, G = spans.shape[:2]
+    if present.shape != (B, G):
+        raise ValueError(f"present must be (B, G) = {(B, G)} like spans, got {tuple(present.shape)}")
+    sides = cfg.sides(list(maps), image_size)
+
+    first = _stack_layers(maps[sides[0]], sides[0])
+    T, device = first.shape[-1], first.device
+    dtype = torch.promote_types(first.dtype, torch.float32)   # fp16/bf16 maps: the loss in fp32
+    W = token_membership(spans.to(device), T)                          # (B,G,T)
+    if (W.sum(1) > 1).any():
+        raise ValueError("spans overlap: a token belongs to two groups; group spans must be disjoint")
+    ok = present.to(device).bool() & W.any(-1)                         # group in caption and image
+    if keep is not None:
+        ok = ok & keep.to(device).bool()[:, None]
+
+    per_sample_sum = torch.zeros(B, dtype=dtype, device=device)        # Σ over (layer, head) entries
+    per_sample_cnt = torch.zeros(B, dtype=dtype, device=device)
+    tok_sum = grp_sum = torch.zeros((), dtype=dtype, device=device)
+    tok_cnt = grp_cnt = 0.0
+    n_groups = 0
+    for res in sides:
+        A = _stack_layers(maps[res], res).to(dtype)                    # (L,B,H,P,T)
+        if cfg.heads == "mean":
+            A = A.mean(2, keepdim=True)
+        L, _, H, P, _ = A.shape
+        h = _masks_at(masks, res, cfg.mask_resize).to(device, dtype)
+        if h.shape != (B, G, res, res):
+            raise ValueError(f"masks[{res}] must be (B, G, {res}, {res}) = {(B, G, res, res)}, got {tuple(h.shape)}")
+        h = h.reshape(B, G, P)
+        area = h.sum(-1)                                               # (B,G) Σ_p h_i
+        valid = ok & (area > cfg.eps) if cfg.empty_masks == "skip" else ok
+        Wv = (W & valid[..., None]).to(dtype)                          # (B,G,T) tokens that count
+        n = Wv.sum(-1)                                                 # (B,G) e_i − s_i
+        tok_in = Wv.sum(1)                                             # (B,T) 1 if token j is in a kept group
+        n_groups += int(valid.sum())
+
+        # m_j, optionally rescaled (per layer, head, token), before both terms of Eq. 3.
+        if cfg.normalize == "max":
+            A = A / A.amax(3, keepdim=True).clamp_min(cfg.eps)
+        elif cfg.normalize == "sum":
+            target_mass = torch.einsum("bgt,bg->bt", Wv, area)         # Σ_p h_i of token j's group
+            A = A * (target_mass[None, :, None, None, :] / A.sum(3, keepdim=True).clamp_min(cfg.eps))
+
+        reduce_p = (lambda x: x.mean(dim=-2)) if cfg.pixel_reduction == "mean" else (lambda x: x.sum(dim=-2))
+
+        # First term: Σ_{j∈[s_i,e_i)} ‖m_j − h_i‖². Token j's target is its group's mask.
+        h_tok = torch.einsum("bgt,bgp->bpt", Wv, h)                    # (B,P,T)
+        e_tok = reduce_p((A - h_tok[None, :, None]) ** 2) * tok_in[None, :, None]   # (L,B,H,T)
+
+        # Second term: ‖ (1/(e_i−s_i)) Σ_j m_j − h_i ‖².
+        m_bar = torch.einsum("lbhpt,bgt->lbhgp", A, Wv) / n.clamp_min(1)[None, :, None, :, None]
+        e_grp = ((m_bar - h[None, :, None]) ** 2)
+        e_grp = (e_grp.mean(-1) if cfg.pixel_reduction == "mean" else e_grp.sum(-1)) * valid[None, :, None]  # (L,B,H,G)
+
+        N = valid.sum(-1).to(dtype)                                    # (B,) groups in the loss
+        if cfg.weighting == "pooled":    # CosmicMan: one mean over all token and group-mean maps
+            per_lh = (e_tok.sum(-1) + e_grp.sum(-1)) / (n.sum(-1) + N).clamp_min(1)[None, :, None]
+        else:
+            bracket = torch.einsum("lbht,bgt->lbhg", e_tok, Wv) + e_grp   # Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²
+            if cfg.weighting == "group":
+                bracket = bracket / (n + 1)[None, :, None]
+            per_lh = bracket.sum(-1) / N.clamp_min(1)[None, :, None]      # 1/N Σ_i
+        has = (N > 0).to(dtype)                                        # (B,)
+        per_sample_sum = per_sample_sum + per_lh.sum((0, 2)) * has
+        per_sample_cnt = per_sample_cnt + L * H * has
+        tok_sum = tok_sum + e_tok.sum()
+        grp_sum = grp_sum + e_grp.sum()
+        tok_cnt += float(n.sum()) * L * H
+        grp_cnt += float(N.sum()) * L * H
+
+    counted = per_sample_cnt > 0
+    n_samples = int(counted.sum())
+    # A zero that still hangs on the graph keeps backward() and DDP happy when no group counts.
+    zero = first.to(dtype).sum() * 0.0
+    if n_samples == 0:
+        return HolaTerms(zero, zero, zero, 0, 0)
+    loss = (per_sample_sum[counted] / per_sample_cnt[counted]).mean() + zero
+    return HolaTerms(loss, tok_sum / max(tok_cnt, 1.0), grp_sum / max(grp_cnt, 1.0), n_groups, n_samples)
+
+
+def hola_loss(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+              config: HolaConfig | None = None, *, image_size: int | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """L_HOLA (Eq. 3) as a scalar; see `hola_terms` for the arguments."""
+    return hola_terms(maps, spans, masks, present, config, image_size=image_size, keep=keep).loss
+
+
+def daring_loss(noise_loss: torch.Tensor, hola: torch.Tensor, config: HolaConfig) -> torch.Tensor:
+    """Eq. 4: L = α · L_noise + β · L_HOLA."""
+    return config.alpha * noise_loss + config.beta * hola

@@ -1,0 +1,160 @@
+"""HOLA (Eq. 3): a hand-worked example, a gradient check, edge cases and each option's effect."""
+import math
+
+import pytest
+import torch
+
+from cosmiclite.hola import HolaConfig, daring_loss, hola_loss, hola_terms, token_membership
+
+
+def hand_example(dtype=torch.float32):
+    """One sample, one layer, one head, 2x2 maps (P = 4 pixels, row-major), T = 4 tokens, G = 2 groups.
+
+    Group 0 = tokens [1, 3), mask h0 = [1, 1, 0, 0];   group 1 = token [3, 4), mask h1 = [0, 0, 1, 0].
+    Token maps over the 4 pixels:  m0 = [.5 .5 .5 .5] (no group)   m1 = [1 0 0 0]
+                                   m2 = [.5 .5 0 0]                m3 = [0 0 .5 .5]
+    Squared errors (sum over pixels | mean over pixels):
+      ‖m1 − h0‖² : diff [0 −1 0 0]          -> 1     | 1/4
+      ‖m2 − h0‖² : diff [−.5 −.5 0 0]       -> 1/2   | 1/8
+      m̄0 = (m1 + m2)/2 = [.75 .25 0 0], ‖m̄0 − h0‖² : diff [−.25 −.75 0 0] -> 5/8 | 5/32
+      ‖m3 − h1‖² : diff [0 0 −.5 .5]        -> 1/2   | 1/8
+      m̄1 = m3                               -> 1/2   | 1/8
+    Eq. 3 literal ("eq3", pixel sum):  1/2 · [(1 + 1/2 + 5/8) + (1/2 + 1/2)] = 1/2 · 25/8 = 25/16
+    "eq3", pixel mean:                 1/2 · [(1/4 + 1/8 + 5/32) + (1/8 + 1/8)] = 1/2 · 25/32 = 25/64
+    "group", pixel mean:               1/2 · [(17/32)/3 + (8/32)/2] = 29/192
+    "pooled" (CosmicMan), pixel mean:  (1/4 + 1/8 + 5/32 + 1/8 + 1/8) / 5 = (25/32)/5 = 5/32
+    """
+    m = torch.tensor([[.5, 1, .5, 0],
+                      [.5, 0, .5, 0],
+                      [.5, 0, 0, .5],
+                      [.5, 0, 0, .5]], dtype=dtype)            # (P, T)
+    maps = {2: m[None, None]}                                   # (B=1, heads=1, P=4, T=4)
+    spans = torch.tensor([[[1, 3], [3, 4]]])
+    masks = {2: torch.tensor([[[[1., 1.], [0., 0.]], [[0., 0.], [1., 0.]]]], dtype=dtype)}
+    present = torch.tensor([[True, True]])
+    return maps, spans, masks, present
+
+
+@pytest.mark.parametrize("weighting,pixel,expected", [
+    ("eq3", "sum", 25 / 16),
+    ("eq3", "mean", 25 / 64),
+    ("group", "mean", 29 / 192),
+    ("pooled", "mean", 5 / 32),
+])
+def test_hand_worked_example(weighting, pixel, expected):
+    cfg = HolaConfig(resolutions="all", weighting=weighting, pixel_reduction=pixel)
+    loss = hola_loss(*hand_example(), cfg)
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_terms_of_hand_example():
+    t = hola_terms(*hand_example(), HolaConfig(resolutions="all"))
+    # token terms (mean over pixels): 1/4, 1/8, 1/8 -> mean 1/6; group terms 5/32, 1/8 -> mean 9/64
+    assert t.token_term.item() == pytest.approx(1 / 6)
+    assert t.group_term.item() == pytest.approx(9 / 64)
+    assert (t.n_groups, t.n_samples) == (2, 1)
+
+
+def test_token_membership():
+    W = token_membership(torch.tensor([[[1, 3], [-1, -1], [5, 6]]]), 7)
+    assert W.tolist() == [[[False, True, True, False, False, False, False],
+                           [False] * 7,
+                           [False, False, False, False, False, True, False]]]
+    with pytest.raises(ValueError, match="past"):
+        token_membership(torch.tensor([[[70, 80]]]), 77)
+
+
+@pytest.mark.parametrize("cfg", [
+    HolaConfig(resolutions="all"),
+    HolaConfig(resolutions="all", weighting="eq3", pixel_reduction="sum", heads="mean"),
+    HolaConfig(resolutions="all", normalize="max"),
+    HolaConfig(resolutions="all", normalize="sum", weighting="group"),
+])
+def test_gradcheck(cfg):
+    g = torch.Generator().manual_seed(0)
+    B, H, T, G = 2, 2, 6, 3
+    maps = {2: torch.rand(B, H, 4, T, generator=g, dtype=torch.float64).softmax(-1).requires_grad_(),
+            4: [torch.rand(B, 1, 16, T, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()]}
+    spans = torch.tensor([[[1, 3], [3, 4], [-1, -1]], [[1, 2], [2, 5], [5, 6]]])
+    masks = {4: (torch.rand(B, G, 4, 4, generator=g) > 0.5).double()}
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    fn = lambda a, b: hola_loss({2: a, 4: [b]}, spans, masks, present, cfg)
+    assert torch.autograd.gradcheck(fn, (maps[2], maps[4][0]))
+
+
+def test_empty_mask_no_groups_zero_maps_are_finite():
+    maps, spans, masks, present = hand_example()
+    cfg = HolaConfig(resolutions="all", normalize="sum")
+    # empty mask for group 1: skipped by default -> only group 0 counts
+    empty = {2: masks[2].clone()}
+    empty[2][0, 1] = 0
+    only0 = hola_loss(maps, spans, empty, present, HolaConfig(resolutions="all"))
+    assert only0.item() == pytest.approx((1 / 4 + 1 / 8 + 5 / 32) / 3)
+    kept = hola_loss(maps, spans, empty, present, HolaConfig(resolutions="all", empty_masks="keep"))
+    assert kept.item() != pytest.approx(only0.item())
+    # no groups at all (absent spans / not present): a finite zero that still backpropagates
+    m = maps[2].clone().requires_grad_()
+    z = hola_loss({2: m}, torch.full((1, 2, 2), -1), masks, present, cfg)
+    z.backward()
+    assert z.item() == 0 and m.grad is not None and torch.isfinite(m.grad).all()
+    # all-zero maps with every normalisation
+    for norm in ("none", "max", "sum"):
+        zm = torch.zeros_like(maps[2]).requires_grad_()
+        v = hola_loss({2: zm}, spans, empty, present, HolaConfig(resolutions="all", normalize=norm))
+        v.backward()
+        assert torch.isfinite(v) and torch.isfinite(zm.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_maps_give_fp32_loss(dtype):
+    maps, spans, masks, present = hand_example(dtype)
+    loss = hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all"))
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(5 / 32, abs=1e-3)
+
+
+def test_options_change_the_loss():
+    g = torch.Generator().manual_seed(1)
+    maps = {4: torch.rand(2, 3, 16, 8, generator=g).softmax(-1), 8: torch.rand(2, 3, 64, 8, generator=g).softmax(-1)}
+    spans = torch.tensor([[[1, 3], [3, 6]], [[1, 4], [-1, -1]]])
+    masks = {8: (torch.rand(2, 2, 8, 8, generator=g) > 0.4).float()}
+    present = torch.ones(2, 2, dtype=torch.bool)
+    L = lambda **kw: hola_loss(maps, spans, masks, present, HolaConfig(**kw), image_size=128).item()
+    base = L()                                   # "1/16" of 128 px -> the 8x8 maps
+    assert base == pytest.approx(L(resolutions=(8,)))
+    assert base != pytest.approx(L(resolutions=(4,)))            # 4x4: masks resized from 8x8
+    assert L(resolutions="all") != pytest.approx(base)
+    # heads: the mean of per-head squared errors >= the error of the head-mean map (Jensen), strictly here
+    assert L(heads="per_head") > L(heads="mean")
+    assert L(pixel_reduction="sum") == pytest.approx(64 * base)   # one resolution: sum = P · mean
+    for kw in ({"normalize": "max"}, {"normalize": "sum"}, {"weighting": "eq3"}, {"weighting": "group"}):
+        assert L(**kw) != pytest.approx(base), kw
+    # dropping a sample (keep) removes its term from the mean
+    only0 = hola_loss(maps, spans, masks, present, HolaConfig(resolutions=(8,)), keep=torch.tensor([True, False]))
+    solo = hola_loss({8: maps[8][:1]}, spans[:1], {8: masks[8][:1]}, present[:1], HolaConfig(resolutions=(8,)))
+    assert only0.item() == pytest.approx(solo.item())
+
+
+def test_sample_keep_rate_and_daring():
+    cfg = HolaConfig()
+    keep = cfg.sample_keep(20000, torch.Generator().manual_seed(0))
+    assert 0.88 < keep.float().mean().item() < 0.92
+    assert HolaConfig(drop_prob=0.0).sample_keep(10).all()
+    cfg2 = HolaConfig(alpha=2.0, beta=0.5)
+    assert daring_loss(torch.tensor(1.0), torch.tensor(4.0), cfg2).item() == 4.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    maps, spans, masks, present = hand_example()
+    with pytest.raises(ValueError, match="weighting"):
+        HolaConfig(weighting="sometimes")
+    with pytest.raises(ValueError, match="unknown key"):
+        HolaConfig.from_dict({"alfa": 1})
+    with pytest.raises(ValueError, match="image_size"):
+        hola_loss(maps, spans, masks, present)                   # "1/16" needs the image side
+    with pytest.raises(ValueError, match="captured"):
+        hola_loss(maps, spans, masks, present, HolaConfig(resolutions=(16,)))
+    with pytest.raises(ValueError, match="overlap"):
+        hola_loss(maps, torch.tensor([[[1, 3], [2, 4]]]), masks, present, HolaConfig(resolutions="all"))
+    with pytest.raises(ValueError, match="masks"):
+        hola_loss(maps, spans, {2: masks[2][:, :1]}, present, HolaConfig(resolutions="all"))
+    assert math.isclose(HolaConfig.from_dict({"resolutions": [8, 16]}).to_dict()["resolutions"][1], 16)
