@@ -1,0 +1,129 @@
+"""Semantic accuracy (Sec. 5.1) on constructed cases whose answers are known."""
+import math
+
+import numpy as np
+import pytest
+
+from cosmiclite import Annotation
+from cosmiclite.judge import OracleJudge
+from cosmiclite.metrics import SemanticAccuracy, evaluate, semantic_accuracy
+
+A = {"wear_top": "yes", "top_type": "t-shirt", "top_color": "red", "sleeve_length": "short sleeve",
+     "wear_bottoms": "yes", "bottoms_type": "pants", "bottoms_color": "blue", "bottoms_length": "full-length",
+     "wear_hat": "no", "hat_color": "not applicable", "hair_color": "black", "shoes_color": "not visible"}
+B = {"wear_top": "yes", "top_type": "shirt", "top_color": "green", "sleeve_length": "long sleeve",
+     "wear_bottoms": "yes", "bottoms_type": "shorts", "bottoms_color": "black", "bottoms_length": "short",
+     "wear_hat": "yes", "hat_color": "red", "hair_color": "blonde"}
+
+
+def refs():
+    return [Annotation(dict(A)), Annotation(dict(B))]
+
+
+def oracle_result(references, judged_from=None):
+    judge = OracleJudge(judged_from or references)
+    return evaluate(judge, [None] * len(references), references)
+
+
+def test_self_judged_scores_one():
+    r = oracle_result(refs())
+    assert r.acc_obj == r.acc_tex == r.acc_shape == r.acc_all == r.acc_pooled == 1.0
+    assert r.per_image == [1.0, 1.0]
+    # special answers and unanswered questions are never asked
+    assert r.question("hat_color").asked == 1
+    with pytest.raises(KeyError, match="never asked"):
+        r.question("shoes_color")
+    assert r.asked == {"object": 10, "texture": 7, "shape": 4}
+
+
+def test_changed_colour_lowers_tex_only():
+    changed = refs()
+    changed[0] = Annotation({**A, "top_color": "yellow"})
+    r = oracle_result(changed, judged_from=refs())
+    assert r.acc_obj == 1.0 and r.acc_shape == 1.0
+    assert r.acc_tex == pytest.approx(6 / 7)
+    assert r.question("top_color").accuracy == 0.5
+    assert r.acc_all == pytest.approx((1 + 6 / 7 + 1) / 3)
+
+
+def test_changed_bottoms_type_lowers_its_kind_only():
+    changed = refs()
+    changed[1] = Annotation({**B, "bottoms_type": "skirt"})   # the judge still sees shorts
+    r = oracle_result(changed, judged_from=refs())
+    from cosmiclite import load_protocol
+    kind = load_protocol().question("bottoms_type").kind
+    assert kind in ("object", "shape")
+    assert r.by_kind[kind] < 1.0
+    assert all(v == 1.0 for k, v in r.by_kind.items() if k != kind)
+    assert r.question("bottoms_type").correct == 1
+
+
+def test_acc_all_is_mean_of_kinds_not_pooled():
+    judged = [dict(A), dict(B)]
+    judged[0]["sleeve_length"] = "sleeveless"   # one shape answer wrong out of 4
+    r = semantic_accuracy(judged, refs())
+    assert r.acc_shape == 0.75
+    assert r.acc_all == pytest.approx((1 + 1 + 0.75) / 3)
+    assert r.acc_pooled == pytest.approx(20 / 21)
+    assert r.acc_all != pytest.approx(r.acc_pooled)
+
+
+def test_dsg_parent_rule():
+    judged = [dict(A), dict(B)]
+    judged[1]["wear_hat"] = "no"     # denies the hat but still 'knows' its colour
+    dsg = semantic_accuracy(judged, refs(), parents="dsg")
+    ind = semantic_accuracy(judged, refs(), parents="independent")
+    assert ind.question("hat_color").correct == 1
+    assert dsg.question("hat_color").correct == 0 and dsg.question("hat_color").parent_failures == 1
+    assert dsg.acc_tex < ind.acc_tex and dsg.acc_obj == ind.acc_obj
+
+
+def test_chance_levels():
+    anns = [Annotation({"wear_hat": "no"})] * 3 + [Annotation({"wear_hat": "yes", "hat_color": "red"})]
+    r = semantic_accuracy([a.answers for a in anns], anns)
+    q = r.question("wear_hat")
+    assert q.chance_uniform == 0.5
+    assert q.chance_majority == 0.75 and q.majority_answer == "no"
+    assert r.question("hat_color").chance_uniform == pytest.approx(1 / 12)
+    assert r.question("hat_color").chance_majority == 1.0
+    # a judge that always answers the majority scores exactly chance_majority
+    always_no = [{"wear_hat": "no"}] * 4
+    r2 = semantic_accuracy(always_no, anns, judge_questions=["wear_hat"])
+    assert r2.question("wear_hat").accuracy == q.chance_majority
+    assert r2.not_judged == {"hat_color": 1}
+
+
+def test_missing_judge_answer_is_wrong_and_unknown_is_skipped():
+    judged = [dict(A), {k: v for k, v in B.items() if k != "top_color"}]
+    r = semantic_accuracy(judged, refs(), judge_questions=list(A))
+    assert r.question("top_color").correct == 1 and r.question("top_color").asked == 2
+    r2 = semantic_accuracy([dict(A), dict(B)], refs(), judge_questions=["top_color"])
+    assert [q.id for q in r2.questions] == ["top_color"]
+    assert math.isnan(r2.acc_obj) and r2.acc_all == r2.acc_tex == 1.0
+
+
+def test_table_dict_and_plot():
+    r = oracle_result(refs())
+    t = r.table()
+    for needle in ("top_color", "Acc_obj", "Acc_tex", "Acc_shape", "Acc_all", "unif%", "major%"):
+        assert needle in t
+    d = r.to_dict()
+    assert d["acc_all"] == 1.0 and {q["id"] for q in d["questions"]} >= {"top_color", "bottoms_type"}
+    assert all({"accuracy", "chance_uniform", "chance_majority"} <= set(q) for q in d["questions"])
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = r.plot()
+    assert len(fig.axes[0].patches) == len(r.questions)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="judged has 1 images but references has 2"):
+        semantic_accuracy([{}], refs())
+    with pytest.raises(ValueError, match="parents"):
+        semantic_accuracy([{}, {}], refs(), parents="strict")
+    with pytest.raises(TypeError, match=r"references\[0\]"):
+        semantic_accuracy([{}], [42])
+    with pytest.raises(KeyError, match="not in the protocol"):
+        semantic_accuracy([{}], [A], judge_questions=["shirt_colour"])
+    with pytest.raises(ValueError, match="OracleJudge holds 2"):
+        OracleJudge(refs()).answer([None])
