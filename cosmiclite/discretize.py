@@ -1,0 +1,411 @@
+"""Data discretization for humans: caption -> groups with token spans (CosmicMan, CVPR 2024, Sec. 4.2).
+
+The paper splits every caption into a fixed set of groups that follow the body,
+
+    C = {C_body, C_outfit},  C_body = c_(s_1, e_1),  C_outfit = {c_(s_2, e_2), ..., c_(s_N, e_N), c_other}
+
+where (s_n, e_n) are the start and end indices of group n's concepts in the text encoder's token
+sequence. HOLA (Eq. 3) then pulls the cross-attention maps m_j of exactly the tokens j in [s_n, e_n)
+onto the group's mask h_n — so a span that is off by one token supervises the wrong word.
+
+Two discretizers live here:
+
+* `discretize(caption)` for captions composed from labels (`captions.compose`): every phrase already
+  knows its group, so the spans are exact. They are computed almost for free: CLIP's BPE works on one
+  pre-token (word or punctuation run) at a time and ", " always separates two pre-tokens, so a phrase's
+  ids never depend on its neighbours. Each distinct phrase is tokenized once and cached; a caption's ids
+  are its phrases' ids joined with the comma's id. (The equivalence is checked on a probe caption when a
+  `Discretizer` is built, and by the tests on thousands of captions; captions whose phrases could merge
+  with the comma take the exact character-offset path instead.)
+* `discretize_text(text)` for free-form captions not built from labels: a lexicon keyed on the
+  protocol's answer words and each group's nouns ("oxford shoes" -> shoes, "pleated skirt" -> bottoms,
+  "wooden fence" -> other) finds the longest matches; adjectives that several groups share ("red",
+  "leather") go with the noun they modify; token spans come from the tokenizer's character offsets.
+
+Spans are half-open over the 77 `input_ids`, the start token counted (so the first word is index 1).
+A caption longer than 77 tokens is truncated as every SD pipeline truncates it; groups cut by the
+truncation are reported in `lost_groups` (with a `TruncationWarning`) and given no span — a partly cut
+group is lost too, never given a shortened, silently wrong span.
+
+But: the free-text lexicon is a heuristic. It knows the protocol's vocabulary and a few hundred common
+nouns, not English; a group named in two places of a free text gives two entries.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+from .captions import END, SEP, Caption
+from .protocol import Protocol, load_protocol
+
+
+class TruncationWarning(UserWarning):
+    """A caption did not fit the tokenizer's 77 tokens; some groups lost their span."""
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    """One group c_(s,e): its name, its phrases and its half-open token span over `input_ids`."""
+    name: str
+    phrases: tuple[str, ...]
+    span: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "phrases": list(self.phrases), "span": list(self.span)}
+
+
+@dataclass(frozen=True)
+class Discretized:
+    """A caption's 77 token ids and its groups with spans (Sec. 4.2); `lost_groups` were truncated away."""
+    caption: str
+    input_ids: tuple[int, ...]
+    groups: tuple[GroupSpan, ...]
+    lost_groups: tuple[str, ...] = ()
+    n_tokens: int = 0  # length before truncation, start and end tokens included
+
+    def span(self, name: str) -> tuple[int, int] | None:
+        """The span of group `name` (its first entry if it appears twice), None if absent or lost."""
+        return next((g.span for g in self.groups if g.name == name), None)
+
+    def spans(self, names: Sequence[str]) -> list[tuple[int, int]]:
+        """One (s, e) per name, (-1, -1) where the group is absent: the layout `data.collate` batches."""
+        return [self.span(n) or (-1, -1) for n in names]
+
+    def to_dict(self) -> dict:
+        """The JSON contract of `cosmiclite caption --json` / `cosmiclite discretize --json`."""
+        return {"caption": self.caption, "input_ids": list(self.input_ids),
+                "groups": [g.to_dict() for g in self.groups], "lost_groups": list(self.lost_groups),
+                "n_tokens": self.n_tokens}
+
+
+# --- the free-text lexicon ------------------------------------------------------------------------------
+_WORD = re.compile(r"[^\W_]+")       # letter/digit runs: their edges are always CLIP token edges
+_CLAUSE = re.compile(r"[,.;:!?]")    # punctuation that ends a noun phrase
+_STOP = frozenset("a an the and or with without wearing wears wear in on of at to is are has have her "
+                  "his their its this that who while".split())
+
+# Nouns a free caption uses for a group beyond the protocol's own answer words (which are added from
+# protocol.yaml automatically). Heads name a thing; adjectives shared by groups attach to them.
+GROUP_NOUNS: dict[str, tuple[str, ...]] = {
+    "body": ("woman", "women", "man", "men", "person", "people", "girl", "boy", "lady", "gentleman", "guy",
+             "kid", "teenager", "model", "body", "figure", "shot", "full-body",
+             "half-body", "upper-body", "young", "old", "skin"),
+    "other": ("background", "backdrop", "fence", "wall", "street", "road", "tree", "trees", "park",
+              "beach", "sky", "building", "grass", "room", "studio", "floor", "city", "garden", "field",
+              "sea", "water", "forest", "door", "window", "bench", "car", "scenery", "sidewalk", "shop"),
+    "hair": ("hair", "hairstyle", "haircut", "bangs", "fringe", "braid", "braids", "ponytail", "bun"),
+    "face": ("face", "expression", "smile", "eyes", "lips", "mouth", "beard", "mustache", "makeup"),
+    "eyewear": ("glasses", "sunglasses", "eyeglasses", "spectacles", "eyewear", "goggles"),
+    "hat": ("hat", "cap", "helmet", "beanie", "beret", "fedora", "headwear"),
+    "tops": ("top", "shirt", "t-shirt", "tee", "blouse", "sweater", "jumper", "cardigan", "hoodie",
+             "jacket", "coat", "blazer", "vest", "sleeve", "sleeves", "collar", "neckline", "polo",
+             "sweatshirt", "tank", "turtleneck"),
+    "dress": ("dress", "gown", "frock", "sundress"),
+    "bottoms": ("pants", "trousers", "jeans", "shorts", "skirt", "leggings", "bottoms", "slacks", "chinos"),
+    "belt": ("belt", "waistband"),
+    "legs": ("legs", "leg", "socks", "tights", "stockings", "knees", "thighs"),
+    "shoes": ("shoes", "shoe", "sneakers", "boots", "heels", "sandals", "loafers", "trainers", "footwear",
+              "slippers", "pumps", "flats"),
+    "arms": ("arms", "arm", "hands", "hand", "gloves", "wrist", "watch", "bracelet", "tattoo", "fingers"),
+    "bag": ("bag", "backpack", "handbag", "purse", "tote", "clutch", "satchel", "briefcase"),
+    "scarf": ("scarf", "shawl", "stole"),
+}
+
+
+def _words(s: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(s.lower()))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    head: bool                 # a thing (shirt, woman, fence) rather than an attribute of one (red)
+    groups: tuple[str, ...]    # the groups it may belong to (several for shared adjectives)
+
+
+class Lexicon:
+    """Word sequences -> caption group, built from the protocol (answers, phrases, groups) + GROUP_NOUNS.
+
+    An answer of an "object" question (shoes_type: "oxford shoes") or any entry ending in a noun is a
+    head; texture/shape answers ("red", "pleated", "above-chest") are attributes, which may be shared by
+    several groups ("red": hair, tops, shoes, ...).
+    """
+
+    def __init__(self, protocol: Protocol | None = None, nouns: dict[str, Iterable[str]] | None = None):
+        protocol = protocol or load_protocol()
+        nouns = GROUP_NOUNS if nouns is None else nouns
+        head_words = {w for ws in nouns.values() for w in ws}
+        raw: dict[tuple[str, ...], tuple[bool, set[str]]] = {}
+
+        def add(text: str, group: str, head: bool):
+            key = _words(text)
+            if not key or key in {("yes",), ("no",)}:
+                return
+            head = head or "-".join(key) in head_words or key[-1] in head_words
+            old_head, groups = raw.get(key, (False, set()))
+            raw[key] = (old_head or head, groups | {group})
+
+        for g in protocol.groups:
+            for word in nouns.get(g.name, ()):
+                add(word, g.name, True)
+        for q in protocol.questions:
+            for a in q.answers:
+                words = q.phrase(a)
+                if not words:  # "nothing", "no bangs": an absence the caption does not mention
+                    continue
+                add(a, q.group, q.kind == "object")
+                add(words, q.group, q.kind == "object")
+        for g in protocol.groups:  # the fixed words of the group's templates: "hair", "skin", "belt" ...
+            for t in g.phrases:
+                for w in _words(re.sub(r"\{[^}]*\}", " ", t)):
+                    if w not in _STOP and w not in ("shape", "holding"):
+                        add(w, g.name, True)
+        self.entries = {k: _Entry(h, tuple(sorted(gs))) for k, (h, gs) in raw.items()}
+        self.max_words = max(map(len, self.entries))
+
+    def _lookup(self, key: tuple[str, ...]) -> _Entry | None:
+        e = self.entries.get(key)
+        if e is None and key[-1].endswith("s") and len(key[-1]) > 3:  # plural of a known noun
+            e = self.entries.get(key[:-1] + (key[-1][:-1],))
+        return e
+
+    def segments(self, text: str) -> list[tuple[str, int, int]]:
+        """(group, start char, end char) of each run of words about one group, in text order."""
+        ms = list(_WORD.finditer(text))
+        words = [m.group().lower() for m in ms]
+        # clause[i]: which noun phrase word i is in (punctuation between words starts a new one)
+        clause, c = [], 0
+        for i, m in enumerate(ms):
+            if i and _CLAUSE.search(text, ms[i - 1].end(), m.start()):
+                c += 1
+            clause.append(c)
+        # 1. longest match first, never across punctuation
+        matches: list[tuple[int, int, _Entry]] = []
+        i = 0
+        while i < len(ms):
+            for n in range(min(self.max_words, len(ms) - i), 0, -1):
+                if clause[i + n - 1] != clause[i]:
+                    continue
+                e = self._lookup(tuple(words[i:i + n]))
+                if e is not None:
+                    matches.append((i, i + n, e))
+                    i += n
+                    break
+            else:
+                i += 1
+        # 2. a head names its group; an attribute goes with the next head of its clause, else its only
+        #    group, else the previous head of its clause
+        group: list[str | None] = [None] * len(ms)
+        heads = [(a, b, e.groups[0]) for a, b, e in matches if e.head]
+        for a, b, e in matches:
+            if e.head:
+                g = e.groups[0] if len(e.groups) == 1 else self._nearest(a, heads, clause, e.groups)
+            else:
+                nxt = next((h for h in heads if h[0] >= b and clause[h[0]] == clause[a]), None)
+                prv = next((h for h in reversed(heads) if h[1] <= a and clause[h[0]] == clause[a]), None)
+                g = nxt[2] if nxt else e.groups[0] if len(e.groups) == 1 else prv[2] if prv else None
+            for k in range(a, b):
+                group[k] = g
+        # 3. up to two unknown words right before an assigned word join it ("wooden fence")
+        for i in range(len(ms) - 1, 0, -1):
+            if group[i] is not None and group[i - 1] is None:
+                for k in (i - 1, i - 2):
+                    if (k < 0 or group[k] is not None or words[k] in _STOP or clause[k] != clause[i]
+                            or self._lookup((words[k],)) is not None):
+                        break
+                    group[k] = group[i]
+        # 4. runs of one group, unassigned words inside a run included
+        out: list[tuple[str, int, int]] = []
+        for i, g in enumerate(group):
+            if g is None:
+                continue
+            if out and out[-1][0] == g and all(x in (None, g) for x in group[last + 1:i]):
+                out[-1] = (g, out[-1][1], ms[i].end())
+            else:
+                out.append((g, ms[i].start(), ms[i].end()))
+            last = i
+        return out
+
+    @staticmethod
+    def _nearest(a, heads, clause, groups):
+        """A head shared by several groups takes the group of a neighbouring head in its clause."""
+        for h in heads:
+            if clause[h[0]] == clause[a] and h[2] in groups and h[0] != a:
+                return h[2]
+        return groups[0]
+
+
+# --- the discretizer ---------------------------------------------------------------------------------------
+class Discretizer:
+    """Discretizes captions under one tokenizer, caching each phrase's token ids (Sec. 4.2).
+
+    Build one per tokenizer (the module functions keep one per tokenizer for you). Works with any
+    CLIP tokenizer: the built-in one, SDXL's pair, or a checkpoint's own loaded with `load_tokenizer`.
+    """
+
+    def __init__(self, tokenizer=None, protocol: Protocol | None = None):
+        if tokenizer is None:
+            from .tokenizer import clip_tokenizer
+            tokenizer = clip_tokenizer()
+        self.tokenizer = tokenizer
+        self.max_length = min(int(tokenizer.model_max_length), 10_000)
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self._ids: dict[str, list[int]] = {}
+        (self.comma,), (self.dot,) = self._phrase_ids([SEP.strip(), END])
+        self.lexicon = Lexicon(protocol)
+        self.word_by_word = self._probe()
+
+    # ids of single phrases, each tokenized once
+    def _phrase_ids(self, phrases: Sequence[str]) -> list[list[int]]:
+        missing = [p for p in dict.fromkeys(phrases) if p not in self._ids]
+        if missing:
+            enc = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            self._ids.update(zip(missing, enc))
+        return [self._ids[p] for p in phrases]
+
+    def _probe(self) -> bool:
+        """Whether joining cached phrase ids reproduces this tokenizer's own ids (true for CLIP BPE)."""
+        text = "A full-body shot, an adult female, red wavy hair, t-shirt, 3 oxford shoes."
+        own = self.tokenizer(text)["input_ids"]
+        parts = text[:-1].split(SEP)
+        ids = [self.bos]
+        for i, p in enumerate(self._phrase_ids([p.lower() for p in parts])):
+            ids += ([self.comma] if i else []) + p
+        return own == ids + [self.dot, self.eos]
+
+    @staticmethod
+    def _cacheable(caption: Caption) -> bool:
+        """The phrases are joined as `compose` joins them and none can merge with the comma or full stop."""
+        ps = caption.phrases
+        return (bool(ps) and all(p.text.isascii() and p.text[0].isalnum() and p.text[-1].isalnum() for p in ps)
+                and caption.text == SEP.join(p.text for p in ps) + END)
+
+    def _finish(self, text: str, ids: list[int], runs: list[tuple[str, list[str], int, int]]) -> Discretized:
+        """Truncate to max_length, pad, turn group runs into GroupSpans and report the lost ones.
+
+        `runs` hold (group, phrases, s, e) with token positions counted before truncation. A run is kept
+        only if all of it survives truncation (e <= max_length - 1: the end token takes the last place).
+        """
+        n_tokens = len(ids)
+        if n_tokens > self.max_length:
+            ids = ids[:self.max_length - 1] + [self.eos]
+        ids = ids + [self.pad] * (self.max_length - len(ids))
+        keep, lost = [], []
+        for name, phrases, s, e in runs:
+            if e <= self.max_length - 1:
+                keep.append(GroupSpan(name, tuple(phrases), (s, e)))
+            elif name not in lost:
+                lost.append(name)
+        if lost:
+            warnings.warn(f"caption is {n_tokens} tokens, over the tokenizer's {self.max_length}: groups "
+                          f"{lost} were cut by truncation and get no span (shorten the caption, e.g. "
+                          f"compose(..., drop=[...])): {text[:60]!r}...", TruncationWarning, stacklevel=3)
+        return Discretized(text, tuple(ids), tuple(keep), tuple(lost), n_tokens)
+
+    # composed captions -------------------------------------------------------------------------------
+    def discretize_batch(self, captions: Sequence[Caption]) -> list[Discretized]:
+        """Exact spans for composed captions; phrase ids are cached, so each phrase is tokenized once."""
+        for c in captions:
+            if not isinstance(c, Caption):
+                raise TypeError(f"discretize expects a Caption from captions.compose, got {type(c).__name__}; "
+                                "use discretize_text for free-form text")
+        fast = [self.word_by_word and self._cacheable(c) for c in captions]
+        self._phrase_ids([p.text.lower() for c, f in zip(captions, fast) if f for p in c.phrases])
+        slow = [c for c, f in zip(captions, fast) if not f]
+        slow_out = iter(self._by_offsets([c.text for c in slow], [self._phrase_chars(c) for c in slow]))
+        out = []
+        cache, comma = self._ids, self.comma
+        for c, f in zip(captions, fast):
+            if not f:
+                out.append(next(slow_out))
+                continue
+            ids = [self.bos]
+            runs: list[tuple[str, list[str], int, int]] = []
+            for p in c.phrases:
+                if len(ids) > 1:
+                    ids.append(comma)
+                s = len(ids)
+                ids += cache[p.text.lower()]
+                if runs and runs[-1][0] == p.group:
+                    runs[-1][1].append(p.text)
+                    runs[-1] = (p.group, runs[-1][1], runs[-1][2], len(ids))
+                else:
+                    runs.append((p.group, [p.text], s, len(ids)))
+            ids += [self.dot, self.eos]
+            out.append(self._finish(c.text, ids, runs))
+        return out
+
+    @staticmethod
+    def _phrase_chars(caption: Caption) -> list[tuple[str, list[str], int, int]]:
+        runs: list[tuple[str, list[str], int, int]] = []
+        for p in caption.phrases:
+            if runs and runs[-1][0] == p.group:
+                runs[-1] = (p.group, runs[-1][1] + [p.text], runs[-1][2], p.end)
+            else:
+                runs.append((p.group, [p.text], p.start, p.end))
+        return runs
+
+    def _by_offsets(self, texts: Sequence[str], char_runs: Sequence[list[tuple[str, list[str], int, int]]]):
+        """Token spans from the tokenizer's character offsets (untruncated, so lost groups are known)."""
+        if not texts:
+            return []
+        out = []
+        for text, runs, (ids, offs) in zip(texts, char_runs, self._encode_with_offsets(texts)):
+            starts = [o[0] for o in offs[1:-1]]  # real tokens only, the start/end tokens dropped
+            ends = [o[1] for o in offs[1:-1]]
+            tok_runs = []
+            for name, phrases, a, b in runs:
+                s = 1 + bisect.bisect_left(starts, a)       # first token starting at or after a
+                e = 1 + bisect.bisect_right(ends, b)        # one past the last token ending by b
+                if e > s:
+                    tok_runs.append((name, phrases, s, e))
+            out.append(self._finish(text, list(ids), tok_runs))
+        return out
+
+    def _encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Untruncated ids and character offsets, start and end tokens included."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts))]
+        enc = self.tokenizer(list(texts), return_offsets_mapping=True, truncation=False, padding=False)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+    # free text ---------------------------------------------------------------------------------------
+    def discretize_text_batch(self, texts: Sequence[str]) -> list[Discretized]:
+        """Groups of free-form captions by the lexicon, spans by character offsets."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"discretize_text expects a string, got {type(t).__name__}")
+        runs = []
+        for t in texts:
+            segs = self.lexicon.segments(t)
+            runs.append([(g, [p for p in re.split(r"\s*[,;]\s*", t[a:b]) if p], a, b) for g, a, b in segs])
+        return self._by_offsets(texts, runs)
+
+
+@lru_cache(maxsize=8)
+def discretizer(tokenizer=None) -> Discretizer:
+    """The shared Discretizer of a tokenizer (the built-in CLIP tokenizer when None), built once."""
+    return Discretizer(tokenizer)
+
+
+def discretize(caption: Caption, tokenizer=None) -> Discretized:
+    """Sec. 4.2 for a composed caption: its 77 token ids and each group's exact span (s, e)."""
+    return discretizer(tokenizer).discretize_batch([caption])[0]
+
+
+def discretize_batch(captions: Sequence[Caption], tokenizer=None) -> list[Discretized]:
+    return discretizer(tokenizer).discretize_batch(captions)
+
+
+def discretize_text(text: str, tokenizer=None) -> Discretized:
+    """Sec. 4.2 for a free-form caption: groups found by the protocol lexicon, spans from offsets."""
+    return discretizer(tokenizer).discretize_text_batch([text])[0]
+
+
+def discretize_text_batch(texts: Sequence[str], tokenizer=None) -> list[Discretized]:
+    return discretizer(tokenizer).discretize_text_batch(texts)
