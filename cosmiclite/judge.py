@@ -128,7 +128,7 @@ class JudgeConfig:
     """Architecture and heads; saved as judge.json beside the weights."""
     heads: dict[str, list[str]]                 # question id -> the answers its head chooses from
     size: int = 64
-    convs: tuple[tuple[int, int], ...] = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (128, 2))  # (out, stride)
+    convs: tuple[tuple[int, int], ...] = ((16, 1), (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (128, 2))  # (out, stride)
     hidden: int = 256
     info: dict = field(default_factory=dict)    # training command, seeds, held-out accuracy, time
 
@@ -146,8 +146,9 @@ class JudgeConfig:
 class JudgeNet(nn.Module):
     """3x3 conv stack (stride 2 halves the side; 64 -> 4) -> flattened 4x4 grid -> shared MLP -> one head per question.
 
-    Full-resolution convolutions are skipped (the first conv already has stride 2): on the shared
-    2-core CPU they cost most of the time and the toy people's parts are several pixels wide.
+    One thin full-resolution layer (16 channels) keeps the 1-2 pixel details of a full-body person
+    (shoes, belt, sunglasses); the wider layers run at 32x32 and below, which keeps a training step
+    cheap on the shared 2-core CPU.
 
     The grid is flattened rather than pooled: *where* a colour sits (upper vs lower body) is what tells
     the top colour from the bottoms colour, and global pooling would throw that away.
@@ -315,27 +316,19 @@ def render_batch(seeds: Iterable[int], size: int = 64, sampling=None) -> tuple[n
     return np.stack([p.image for p in people]), [p.annotation for p in people]
 
 
-def answerable_questions(seeds: Iterable[int], protocol: Protocol | None = None,
-                         size: int = 64) -> dict[str, list[str]]:
-    """Heads for the judge: every question the toy world answers with a real value among `seeds`,
+def heads_for(annotations: Iterable[Annotation], protocol: Protocol | None = None) -> dict[str, list[str]]:
+    """Heads for the judge: every question the toy world answers with a real value in `annotations`,
     with the protocol's full answer vocabulary (answers never drawn are simply never predicted)."""
     protocol = protocol or load_protocol()
-    from .toyworld import render
-    seen: set[str] = set()
-    for s in seeds:
-        for q, a in render(int(s), size=size).annotation.answers.items():
-            if a not in protocol.special_answers:
-                seen.add(q)
+    seen = {q for a in annotations for q, v in a.answers.items() if v not in protocol.special_answers}
     return {q.id: list(q.answers) for q in protocol.questions if q.id in seen}
 
 
-def _targets(anns: Sequence[Annotation], heads: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
-    """Class index per head, -1 where the annotation has no real answer (masked out of the loss)."""
-    out = {}
-    for q, answers in heads.items():
-        index = {a: i for i, a in enumerate(answers)}
-        out[q] = torch.tensor([index.get(a.answers.get(q, ""), -1) for a in anns], dtype=torch.long)
-    return out
+def targets(annotations: Sequence[Annotation], heads: Mapping[str, list[str]]) -> torch.Tensor:
+    """(N, n_heads) class indices, -1 where an annotation has no real answer (masked out of the loss)."""
+    index = [{a: i for i, a in enumerate(ans)} for ans in heads.values()]
+    return torch.tensor([[ix.get(a.answers.get(q, ""), -1) for q, ix in zip(heads, index)]
+                         for a in annotations], dtype=torch.long).reshape(len(annotations), len(heads))
 
 
 def heldout_accuracy(judge: Judge, seeds: Iterable[int], size: int = 64, batch: int = 250):
@@ -357,22 +350,25 @@ def heldout_accuracy(judge: Judge, seeds: Iterable[int], size: int = 64, batch: 
 class TrainConfig:
     steps: int = 1500
     batch: int = 64
+    pool: int = 12000                 # toy people rendered once (seeds from TRAIN_SEED_START), re-augmented each draw
     lr: float = 3e-3
     weight_decay: float = 1e-4
     size: int = 64
     threads: int = 2
     seed: int = 0
-    heads_from: int = 3000            # render this many training seeds to find the answerable questions
     eval_seeds: int = len(HELDOUT_SEEDS)
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
                 out: str | Path | None = JUDGE_WEIGHTS, command: str | None = None,
                 progress: bool = True) -> tuple[CNNJudge, dict]:
-    """Train the CNN judge on toy renders drawn on the fly (seeds >= TRAIN_SEED_START).
+    """Train the CNN judge on toy renders (seeds TRAIN_SEED_START .. + pool), then measure it.
 
-    One-cycle AdamW; per head, cross-entropy over the images whose annotation answers that question.
-    Then measure held-out accuracy on clean renders of seeds 0..eval_seeds-1 and save weights + JSON.
+    Why a pool rather than fresh renders every step: on the shared 2-core CPU rendering costs about as
+    much as a training step, and the augmentation already makes every draw a new image.
+    One-cycle AdamW; per head, cross-entropy over the images whose annotation answers that question,
+    averaged over heads. Then held-out accuracy on clean renders of seeds 0..eval_seeds-1; weights and
+    JSON (config, command, seeds, accuracy, time) are written to `out` and beside it.
     """
     from tqdm.auto import tqdm
 
@@ -381,22 +377,32 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     g = torch.Generator().manual_seed(cfg.seed)
     augment = augment if augment is not None else Augment()
     t0 = time.time()
-    heads = answerable_questions(range(TRAIN_SEED_START, TRAIN_SEED_START + cfg.heads_from), size=cfg.size)
+    from .toyworld import render
+    imgs, anns = [], []
+    for s in tqdm(range(TRAIN_SEED_START, TRAIN_SEED_START + cfg.pool), desc="render toy people",
+                  disable=not progress):
+        p = render(s, size=cfg.size)
+        imgs.append(p.image)
+        anns.append(p.annotation)
+    pool = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()   # uint8 (N, 3, H, W)
+    heads = heads_for(anns)
+    y = targets(anns, heads)
+    del imgs, anns
+    render_s = time.time() - t0
     jcfg = JudgeConfig(heads=heads, size=cfg.size)
     net = JudgeNet(jcfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    next_seed = TRAIN_SEED_START + cfg.heads_from   # fresh people every step
     net.train()
     bar = tqdm(range(cfg.steps), desc="train judge", disable=not progress)
     running = None
     for step in bar:
-        imgs, anns = render_batch(range(next_seed, next_seed + cfg.batch), cfg.size)
-        next_seed += cfg.batch
-        x = augment(as_batch(imgs, cfg.size), g)
-        tgt = _targets(anns, heads)
+        idx = torch.randint(0, len(pool), (cfg.batch,), generator=g)
+        x = augment(pool[idx].float() / 255.0, g)
+        t = y[idx]
         logits = net(x)
-        losses = [F.cross_entropy(logits[q], tgt[q], ignore_index=-1) for q in heads if (tgt[q] >= 0).any()]
+        losses = [F.cross_entropy(logits[q], t[:, k], ignore_index=-1)
+                  for k, q in enumerate(heads) if (t[:, k] >= 0).any()]
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,14 +418,16 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         "command": command or "cosmiclite train-judge",
         "train": asdict(cfg), "augment": {k: v for k, v in asdict(augment).items() if k != "vae"},
         "vae_augmented": augment.vae is not None,
-        "train_seeds": [TRAIN_SEED_START, next_seed], "heldout_seeds": [0, cfg.eval_seeds],
-        "train_seconds": round(train_s, 1), "torch": torch.__version__, "threads": cfg.threads,
+        "train_seeds": [TRAIN_SEED_START, TRAIN_SEED_START + cfg.pool], "heldout_seeds": [0, cfg.eval_seeds],
+        "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1),
+        "final_loss": round(running, 4), "torch": torch.__version__, "threads": cfg.threads,
         "params": sum(p.numel() for p in net.parameters()),
         "heldout": {"acc_obj": res.acc_obj, "acc_tex": res.acc_tex, "acc_shape": res.acc_shape,
                     "acc_all": res.acc_all, "min_question": min(per_q.values()),
                     "per_question": per_q,
                     "asked": {q.id: q.asked for q in res.questions},
-                    "chance_majority": {q.id: round(q.chance_majority, 4) for q in res.questions}},
+                    "chance_majority": {q.id: round(q.chance_majority, 4) for q in res.questions},
+                    "chance_uniform": {q.id: round(q.chance_uniform, 4) for q in res.questions}},
     }
     jcfg.info = info
     if out is not None:

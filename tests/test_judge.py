@@ -1,0 +1,127 @@
+"""The judge: interface contract, input handling, augmentation, the shipped CNN judge on held-out seeds.
+
+Seed ranges: the shipped judge was trained on seeds >= judge.TRAIN_SEED_START (10,000,000); its
+recorded accuracy uses seeds 0..1,999; the tests here use 5,000,000..5,000,199 (unseen by both).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cosmiclite import Annotation, load_protocol
+from cosmiclite.judge import (JUDGE_CONFIG, JUDGE_WEIGHTS, TRAIN_SEED_START, Augment, CNNJudge, Judge,
+                              JudgeConfig, JudgeNet, OracleJudge, as_batch, load_judge)
+
+TEST_SEEDS = range(5_000_000, 5_000_200)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge()
+
+
+@pytest.fixture(scope="module")
+def people():
+    from cosmiclite.toyworld import render
+    return [render(s) for s in TEST_SEEDS]
+
+
+def test_shipped_files_are_small_and_documented():
+    assert JUDGE_WEIGHTS.is_file() and JUDGE_CONFIG.is_file()
+    assert JUDGE_WEIGHTS.stat().st_size < 8 * 2 ** 20
+    info = json.loads(JUDGE_CONFIG.read_text())["info"]
+    assert info["command"].startswith("cosmiclite train-judge")
+    assert info["train_seeds"][0] >= TRAIN_SEED_START
+    assert info["heldout_seeds"][1] <= min(TEST_SEEDS)
+    assert info["heldout"]["min_question"] >= 0.95, info["heldout"]["per_question"]
+
+
+def test_judge_contract(judge, people):
+    assert isinstance(judge, Judge)
+    protocol = load_protocol()
+    assert judge.questions and set(judge.questions) <= set(protocol.question_ids)
+    out = judge.answer([p.image for p in people[:5]])
+    assert len(out) == 5
+    for a in out:
+        assert set(a) == set(judge.questions)
+        Annotation(dict(a))  # every answer dict is a valid annotation (children 'not applicable')
+
+
+def test_input_forms_agree(judge, people):
+    u8 = np.stack([p.image for p in people[:4]])
+    a = judge.answer(u8)
+    assert judge.answer(list(u8)) == a
+    assert judge.answer(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255) == a
+    from PIL import Image
+    assert judge.answer([Image.fromarray(x) for x in u8]) == a
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        judge.answer(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    with pytest.raises(ValueError, match="RGB"):
+        judge.answer(u8[..., :2])
+    with pytest.raises(TypeError, match="PIL images"):
+        judge.answer("image.png")
+
+
+def test_heldout_accuracy_per_question(judge, people):
+    from cosmiclite.metrics import semantic_accuracy
+    res = semantic_accuracy(judge.answer([p.image for p in people]), [p.annotation for p in people],
+                            judge_questions=judge.questions, parents="independent")
+    # every question the toy world answers is one the judge answers
+    assert not res.not_judged
+    low = {q.id: (q.accuracy, q.asked) for q in res.questions if q.asked >= 20 and q.accuracy < 0.95}
+    assert not low, low
+    pooled = sum(q.correct for q in res.questions) / sum(q.asked for q in res.questions)
+    assert pooled >= 0.97
+
+
+def test_judge_beats_chance_on_blurred_renders(judge, people):
+    from cosmiclite.metrics import semantic_accuracy
+    x = as_batch([p.image for p in people[:100]], 64)
+    x = Augment(blur_p=1.0, noise_p=1.0, resample_p=0, shift=0, gain=0, brightness=0)(x, torch.Generator().manual_seed(1))
+    res = semantic_accuracy(judge.answer(x), [p.annotation for p in people[:100]], judge_questions=judge.questions)
+    assert res.acc_all >= 0.85
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cosmiclite train-judge"):
+        load_judge(tmp_path / "nope.safetensors")
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = JudgeConfig(heads={"wear_hat": ["yes", "no"], "hat_color": list(load_protocol().question("hat_color").answers)})
+    j = CNNJudge(JudgeNet(cfg), cfg)
+    x = torch.rand(3, 3, 64, 64)
+    j.save(tmp_path / "j.safetensors")
+    j2 = load_judge(tmp_path / "j.safetensors")
+    assert j2.questions == ("wear_hat", "hat_color")
+    torch.testing.assert_close(j2.logits(x)["hat_color"], j.logits(x)["hat_color"], atol=0.05, rtol=0.05)
+    for a in j2.answer(x):  # hat colour only when the judge itself sees a hat
+        assert (a["hat_color"] == "not applicable") == (a["wear_hat"] == "no")
+
+
+def test_bad_size_error():
+    with pytest.raises(ValueError, match="divisible"):
+        JudgeNet(JudgeConfig(heads={"wear_hat": ["yes", "no"]}, size=50))
+
+
+def test_augment_keeps_range_and_changes_images():
+    x = torch.rand(8, 3, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    y = Augment(blur_p=1.0, noise_p=1.0)(x, g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert (y - x).abs().mean() > 0.01
+    ident = Augment(blur_p=0, noise_p=0, resample_p=0, shift=0, gain=0, brightness=0)(x, g)
+    torch.testing.assert_close(ident, x)
+    # a VAE hook is applied to its share of the batch
+    seen = []
+    aug = Augment(blur_p=0, noise_p=0, resample_p=0, shift=0, gain=0, brightness=0,
+                  vae=lambda t: (seen.append(len(t)), 1 - t)[1], vae_p=1.0)
+    torch.testing.assert_close(aug(x, g), 1 - x)
+    assert seen == [8]
+
+
+def test_oracle_judge_is_a_judge():
+    a = Annotation({"wear_hat": "yes", "hat_color": "red"})
+    j = OracleJudge([a])
+    assert isinstance(j, Judge) and j.answer([None]) == [{"hat_color": "red", "wear_hat": "yes"}]
