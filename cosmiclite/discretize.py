@@ -84,7 +84,8 @@ class Discretized:
 
 # --- the free-text lexicon ------------------------------------------------------------------------------
 _WORD = re.compile(r"[^\W_]+")       # letter/digit runs: their edges are always CLIP token edges
-_CLAUSE = re.compile(r"[,.;:!?]")    # punctuation that ends a noun phrase
+_CLAUSE = r"[,.;:!?]"                # punctuation that ends a noun phrase
+_TOKEN = re.compile(rf"([^\W_]+)|({_CLAUSE})")
 _STOP = frozenset("a an the and or with without wearing wears wear in on of at to is are has have her "
                   "his their its this that who while".split())
 
@@ -164,78 +165,89 @@ class Lexicon:
                     if w not in _STOP and w not in ("shape", "holding"):
                         add(w, g.name, True)
         self.entries = {k: _Entry(h, tuple(sorted(gs))) for k, (h, gs) in raw.items()}
-        self.max_words = max(map(len, self.entries))
+        # plurals of known nouns ("trees", "sneaker" -> "sneakers") looked up as the noun itself
+        for k, e in list(self.entries.items()):
+            if e.head:
+                self.entries.setdefault(k[:-1] + (k[-1] + "s",), e)
+        # the longest entry starting with each word bounds the longest-match search
+        self.longest: dict[str, int] = {}
+        for k in self.entries:
+            self.longest[k[0]] = max(self.longest.get(k[0], 0), len(k))
 
-    def _lookup(self, key: tuple[str, ...]) -> _Entry | None:
-        e = self.entries.get(key)
-        if e is None and key[-1].endswith("s") and len(key[-1]) > 3:  # plural of a known noun
-            e = self.entries.get(key[:-1] + (key[-1][:-1],))
-        return e
+    def lookup(self, words: Sequence[str]) -> _Entry | None:
+        """The entry for a word sequence, e.g. ("oxford", "shoes") -> head of group shoes."""
+        return self.entries.get(tuple(w.lower() for w in words))
 
     def segments(self, text: str) -> list[tuple[str, int, int]]:
         """(group, start char, end char) of each run of words about one group, in text order."""
-        ms = list(_WORD.finditer(text))
-        words = [m.group().lower() for m in ms]
-        # clause[i]: which noun phrase word i is in (punctuation between words starts a new one)
-        clause, c = [], 0
-        for i, m in enumerate(ms):
-            if i and _CLAUSE.search(text, ms[i - 1].end(), m.start()):
+        words, starts, ends, clause = [], [], [], []
+        c = 0
+        for m in _TOKEN.finditer(text):  # one pass: words, and the punctuation between them
+            if m.lastindex == 2:
                 c += 1
+                continue
+            words.append(m.group().lower())
+            starts.append(m.start())
+            ends.append(m.end())
             clause.append(c)
+        n = len(words)
         # 1. longest match first, never across punctuation
         matches: list[tuple[int, int, _Entry]] = []
+        entries, longest = self.entries, self.longest
         i = 0
-        while i < len(ms):
-            for n in range(min(self.max_words, len(ms) - i), 0, -1):
-                if clause[i + n - 1] != clause[i]:
-                    continue
-                e = self._lookup(tuple(words[i:i + n]))
-                if e is not None:
-                    matches.append((i, i + n, e))
-                    i += n
-                    break
-            else:
-                i += 1
+        while i < n:
+            k = min(longest.get(words[i], 0), n - i)
+            while k:
+                if clause[i + k - 1] == clause[i]:
+                    e = entries.get(tuple(words[i:i + k]))
+                    if e is not None:
+                        matches.append((i, i + k, e))
+                        break
+                k -= 1
+            i += k or 1
         # 2. a head names its group; an attribute goes with the next head of its clause, else its only
         #    group, else the previous head of its clause
-        group: list[str | None] = [None] * len(ms)
-        heads = [(a, b, e.groups[0]) for a, b, e in matches if e.head]
-        for a, b, e in matches:
+        group: list[str | None] = [None] * n
+        nxt: list[str | None] = [None] * len(matches)
+        following, cl = None, None
+        for j in range(len(matches) - 1, -1, -1):
+            a, _, e = matches[j]
+            if clause[a] != cl:
+                following, cl = None, clause[a]
+            nxt[j] = following
             if e.head:
-                g = e.groups[0] if len(e.groups) == 1 else self._nearest(a, heads, clause, e.groups)
+                following = e.groups[0]
+        previous, cl = None, None
+        for j, (a, b, e) in enumerate(matches):
+            if clause[a] != cl:
+                previous, cl = None, clause[a]
+            if e.head:
+                g = e.groups[0] if len(e.groups) == 1 else (previous if previous in e.groups else
+                                                            nxt[j] if nxt[j] in e.groups else e.groups[0])
+                previous = g
             else:
-                nxt = next((h for h in heads if h[0] >= b and clause[h[0]] == clause[a]), None)
-                prv = next((h for h in reversed(heads) if h[1] <= a and clause[h[0]] == clause[a]), None)
-                g = nxt[2] if nxt else e.groups[0] if len(e.groups) == 1 else prv[2] if prv else None
+                g = nxt[j] or (e.groups[0] if len(e.groups) == 1 else previous)
             for k in range(a, b):
                 group[k] = g
         # 3. up to two unknown words right before an assigned word join it ("wooden fence")
-        for i in range(len(ms) - 1, 0, -1):
+        for i in range(n - 1, 0, -1):
             if group[i] is not None and group[i - 1] is None:
                 for k in (i - 1, i - 2):
                     if (k < 0 or group[k] is not None or words[k] in _STOP or clause[k] != clause[i]
-                            or self._lookup((words[k],)) is not None):
+                            or words[k] in longest):
                         break
                     group[k] = group[i]
-        # 4. runs of one group, unassigned words inside a run included
+        # 4. runs of one group (unassigned words inside a run belong to it)
         out: list[tuple[str, int, int]] = []
         for i, g in enumerate(group):
             if g is None:
                 continue
-            if out and out[-1][0] == g and all(x in (None, g) for x in group[last + 1:i]):
-                out[-1] = (g, out[-1][1], ms[i].end())
+            if out and out[-1][0] == g:
+                out[-1] = (g, out[-1][1], ends[i])
             else:
-                out.append((g, ms[i].start(), ms[i].end()))
-            last = i
+                out.append((g, starts[i], ends[i]))
         return out
 
-    @staticmethod
-    def _nearest(a, heads, clause, groups):
-        """A head shared by several groups takes the group of a neighbouring head in its clause."""
-        for h in heads:
-            if clause[h[0]] == clause[a] and h[2] in groups and h[0] != a:
-                return h[2]
-        return groups[0]
 
 
 # --- the discretizer ---------------------------------------------------------------------------------------
@@ -369,7 +381,13 @@ class Discretizer:
     def _encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Untruncated ids and character offsets, start and end tokens included."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and backend.truncation is None and backend.padding is None:
+        if backend is not None:  # the Rust tokenizer itself: faster, and no over-length warning
+            # transformers sets truncation/padding on the backend before each call and leaves them set;
+            # it sets them again on its next call, so clearing them here is safe
+            if backend.truncation is not None:
+                backend.no_truncation()
+            if backend.padding is not None:
+                backend.no_padding()
             return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts))]
         enc = self.tokenizer(list(texts), return_offsets_mapping=True, truncation=False, padding=False)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
@@ -383,8 +401,15 @@ class Discretizer:
         runs = []
         for t in texts:
             segs = self.lexicon.segments(t)
-            runs.append([(g, [p for p in re.split(r"\s*[,;]\s*", t[a:b]) if p], a, b) for g, a, b in segs])
+            runs.append([(g, _split_phrases(t[a:b]), a, b) for g, a, b in segs])
         return self._by_offsets(texts, runs)
+
+
+def _split_phrases(segment: str) -> list[str]:
+    """A free-text group's words, split at the commas/semicolons inside it."""
+    if "," not in segment and ";" not in segment:
+        return [segment]
+    return [p for p in re.split(r"\s*[,;]\s*", segment) if p]
 
 
 @lru_cache(maxsize=8)

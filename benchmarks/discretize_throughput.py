@@ -1,0 +1,107 @@
+"""Throughput of discretization (Sec. 4.2) against bare batched CLIP tokenization, on one CPU core.
+
+The question: does knowing each group's token span cost anything over what a training loop pays
+anyway, tokenizing its captions? Three ways over the same captions, same run, same core:
+
+  bare       tokenizer(texts, padding="max_length", truncation=True)  (what an SD pipeline does)
+  composed   discretize_batch(captions)       composed captions: ids + exact spans from the phrase cache
+  free_text  discretize_text_batch(texts)     the same captions as free text: lexicon + offsets
+
+ratio = captions/s of a discretizer / captions/s of bare tokenization (>= 1.0 and >= 0.5 are the
+targets of issue 3). The composed figure is steady state: the phrase cache is warmed on a different set
+of captions of the same distribution first (a training run sees its phrases again and again); the
+cold figure, a new Discretizer on unseen captions, is reported too.
+
+    python benchmarks/discretize_throughput.py [--quick] [--n 4000] [--rounds 5]
+"""
+import os
+
+os.environ["RAYON_NUM_THREADS"] = "1"          # the tokenizers library's thread pool: one core
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+from cosmiclite.captions import compose, random_annotation  # noqa: E402
+from cosmiclite.discretize import Discretizer, TruncationWarning  # noqa: E402
+from cosmiclite.tokenizer import clip_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rate(fn, items, batch, rounds):
+    """Median captions/s over `rounds` passes of fn over `items` in batches."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for i in range(0, len(items), batch):
+            fn(items[i:i + batch])
+        times.append(time.perf_counter() - t)
+    return len(items) / statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (1,000 captions, 3 rounds)")
+    ap.add_argument("--n", type=int, default=4000, help="captions measured")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    n, rounds = (1000, 3) if args.quick else (args.n, args.rounds)
+    warnings.simplefilter("ignore", TruncationWarning)  # a few random captions run over 77 tokens
+
+    rng = random.Random(args.seed)
+    warm = [compose(random_annotation(rng)) for _ in range(n)]
+    caps = [compose(random_annotation(rng)) for _ in range(n)]
+    texts = [c.text for c in caps]
+    tok = clip_tokenizer()
+
+    def bare(batch):
+        return tok(batch, padding="max_length", truncation=True, max_length=77)["input_ids"]
+
+    d = Discretizer(tok)
+    t = time.perf_counter()
+    d.discretize_batch(caps[: n // 2])
+    cold = (n // 2) / (time.perf_counter() - t)
+    d.discretize_batch(warm)  # steady state: phrases seen before
+    bare(texts[:args.batch])  # warm-up
+    figures = {
+        "bare_tokenization": rate(bare, texts, args.batch, rounds),
+        "composed": rate(d.discretize_batch, caps, args.batch, rounds),
+        "free_text": rate(d.discretize_text_batch, texts, args.batch, rounds),
+    }
+    t = time.perf_counter()
+    for c in warm[: n // 4]:
+        compose(c.phrases and random_annotation(rng))
+    ids = bare(texts)
+    n_tokens = [sum(1 for x in row if x != tok.pad_token_id) + 1 for row in ids]
+    result = {
+        "benchmark": "discretize_throughput",
+        "device": "cpu-1thread",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "ratio": {k: round(figures[k] / figures["bare_tokenization"], 3) for k in ("composed", "free_text")},
+        "captions_per_s": {k: round(v, 1) for k, v in figures.items()},
+        "composed_cold_captions_per_s": round(cold, 1),
+        "phrase_cache_size": len(d._ids),
+        "captions": n, "rounds": rounds, "batch": args.batch, "quick": args.quick,
+        "mean_tokens": round(statistics.mean(n_tokens), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "discretize_throughput-cpu-2core.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
