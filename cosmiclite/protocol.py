@@ -154,6 +154,8 @@ class Protocol:
                               f"(see `cosmiclite protocol` for the 70 question ids)")
                 continue
             q = self._q[qid]
+            if isinstance(a, str) and (a in q.answers or a in self.special_answers):
+                continue  # the common case: no error text to build (keeps validation cheap)
             allowed = ", ".join(repr(x) for x in (*q.answers, *self.special_answers))
             if not isinstance(a, str):
                 errors.append(f"question {qid!r}: answer must be a string, got {type(a).__name__} "
