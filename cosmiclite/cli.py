@@ -3,6 +3,9 @@
     cosmiclite protocol [--json]                 the label protocol (Sec. 3.2.2)
     cosmiclite caption ANNOTATION.json [--json]  caption, groups, phrases, token spans and ids (Sec. 4.2)
     cosmiclite discretize "free text" [--json]   the same for a free-form caption
+    cosmiclite train-judge [--steps N] [--out PATH]  train the toy attribute judge, record its accuracy (Sec. 5.1)
+    cosmiclite generate --prompt TEXT | --annotation FILE --out IMG.png [--attention OUT.safetensors]
+                                                 an image and its cross-attention maps (Sec. 4.1, 4.3)
 
 `--json` prints the machine-readable contract (documented in README.md); without it the output is for
 people. Bad input (a missing file, an invalid annotation) prints one clear message and exits with
@@ -96,6 +99,103 @@ def cmd_discretize(args) -> int:
     return 0
 
 
+# --- generate --------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    """Generate one image with the toy model (or --model) and, when asked, save its cross-attention maps.
+
+    The attention file (safetensors) holds, T = steps with --per-step else 1 (mean over steps), maps averaged
+    over heads and layers at each resolution r (the map's side in latent cells):
+        group/<name>/res<r>  (T, r, r) float32   group map m_(s_i,e_i) of each caption group (Sec. 4.3)
+        tokens/res<r>        (T, n, r, r) float32  per-token maps of tokens 0..n-1 (start..end), with --per-token
+        timesteps            (T,) float32        the step's timestep (their mean without --per-step)
+        image                (H, W, 3) uint8
+    and, in its metadata, "prompt", "tokens" (JSON list), "groups" (JSON [[name, [s, e]], ...]), "meta".
+    Read it with cosmiclite.attention.AttentionResult.load(path).
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from . import attention, models, viz
+    from .discretize import TruncationWarning, discretize, discretize_text
+
+    if args.quiet:
+        import diffusers
+        import transformers
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    if args.model:
+        pipe = models.load_pipeline(args.model, unet=args.unet)
+    else:
+        pipe = models.load_toy_pipeline()
+    pipe.set_progress_bar_config(disable=args.quiet)
+    if args.lora:
+        if not Path(args.lora).exists():
+            raise FileNotFoundError(f"--lora {args.lora}: no such file or folder (a LoRA saved with "
+                                    f"save_lora_weights, e.g. by cosmiclite's training)")
+        pipe.load_lora_weights(args.lora)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        if args.annotation:
+            from .captions import compose
+            from .protocol import Annotation
+            d = discretize(compose(Annotation.load(args.annotation)), tokenizer=pipe.tokenizer)
+        else:
+            d = discretize_text(args.prompt, tokenizer=pipe.tokenizer)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    result = attention.generate_with_attention(
+        pipe, d.caption, [(g.name, g.span) for g in d.groups], steps=args.steps, seed=args.seed,
+        guidance_scale=args.guidance, per_step=args.per_step)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.image).save(out)
+    print(f"image: {out}  ({result.image.shape[1]}x{result.image.shape[0]}, {args.steps} steps, seed {args.seed})")
+    print(f"caption: {d.caption}")
+    for name, (s, e) in result.groups:
+        print(f"  {name:<9} tokens [{s:>2}, {e:>2})")
+    if args.attention:
+        path = result.save(args.attention, per_token=args.per_token)
+        print(f"attention maps: {path}  (resolutions {result.resolutions}; names group/<name>/res<r>"
+              f"{', tokens/res<r>' if args.per_token else ''})")
+    if args.attention_png:
+        png = Path(args.attention_png)
+        if result.groups:
+            viz.save_figure(viz.plot_group_maps(result), png)
+            print(f"group maps: {png}")
+        if args.per_token or not result.groups:
+            tok_png = png.with_name(png.stem + "-tokens.png") if result.groups else png
+            viz.save_figure(viz.plot_token_maps(result), tok_png)
+            print(f"token maps: {tok_png}")
+    return 0
+
+
+# --- train-judge -----------------------------------------------------------------------------------------
+def cmd_train_judge(args) -> int:
+    """Train the toy world's attribute judge (Sec. 5.1) and record its held-out accuracy."""
+    from .judge import JUDGE_WEIGHTS, Augment, TrainConfig, train_judge, vae_reconstructor
+
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
+                      seed=args.seed, eval_seeds=args.eval_seeds)
+    augment = Augment()
+    if args.vae:
+        from diffusers import AutoencoderKL
+        augment.vae = vae_reconstructor(AutoencoderKL.from_pretrained(args.vae))
+    out = args.out or JUDGE_WEIGHTS
+    command = (f"cosmiclite train-judge --steps {cfg.steps} --batch {cfg.batch} --pool {cfg.pool} "
+               f"--eval-seeds {cfg.eval_seeds} --threads {cfg.threads} --seed {cfg.seed}"
+               + (f" --vae {args.vae}" if args.vae else "") + (f" --out {args.out}" if args.out else ""))
+    _, info = train_judge(cfg, augment, out=out, command=command)
+    h = info["heldout"]
+    print(f"held-out clean renders (seeds {info['heldout_seeds'][0]}..{info['heldout_seeds'][1] - 1}): "
+          f"Acc_obj {h['acc_obj']:.3f}  Acc_tex {h['acc_tex']:.3f}  Acc_shape {h['acc_shape']:.3f}  "
+          f"Acc_all {h['acc_all']:.3f}; lowest question {h['min_question']:.3f}")
+    for q, a in sorted(h["per_question"].items(), key=lambda kv: kv[1])[:8]:
+        print(f"  {q:<18} {a:.3f}  (majority-answer chance {h['chance_majority'][q]:.3f})")
+    print(f"trained in {info['train_seconds']:.0f} s; wrote {out} and its .json beside it")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cosmiclite", description="CosmicMan (CVPR 2024), taken apart: "
@@ -118,6 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="machine-readable: {caption, input_ids, groups: [{name, phrases, span}], ...}")
     s.set_defaults(run=cmd_discretize)
+
+    s = sub.add_parser("generate", help="generate an image and capture its cross-attention maps (per group/token)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="a free-form caption (discretized into groups with the free-text lexicon)")
+    src.add_argument("--annotation", help="an annotation JSON file: its composed caption is used")
+    s.add_argument("--model", help="a pipeline folder (diffusers layout), a cached hub id, or sd15 / sdxl / "
+                   "cosmicman-sd / cosmicman-sdxl (default: the kit's trained toy model)")
+    s.add_argument("--unet", help="a UNet-only checkpoint put over --model's UNet (CosmicMan's release format)")
+    s.add_argument("--lora", help="LoRA weights (save_lora_weights format) loaded into the pipeline")
+    s.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    s.add_argument("--out", required=True, help="where to write the image (PNG)")
+    s.add_argument("--attention", metavar="OUT.safetensors", help="save the maps (names documented in --help "
+                   "of the module cosmiclite.cli.cmd_generate and the README)")
+    s.add_argument("--attention-png", metavar="OUT.png", help="save the group maps drawn over the image")
+    s.add_argument("--per-token", action="store_true", help="also save (and draw) every token's map")
+    s.add_argument("--per-step", action="store_true", help="keep one map per denoising step, not their mean")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=cmd_generate)
+    s = sub.add_parser("train-judge", help="train the toy attribute judge (Sec. 5.1) on toy renders, "
+                       "record its held-out accuracy")
+    s.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    s.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    s.add_argument("--pool", type=int, default=12000, help="toy people rendered once for training (default 12000)")
+    s.add_argument("--eval-seeds", type=int, default=2000, help="held-out seeds 0..N-1 to measure on (default 2000)")
+    s.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of init, batches and augmentation")
+    s.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder: also train on its reconstructions")
+    s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
+                   "the JSON config goes beside it)")
+    s.set_defaults(run=cmd_train_judge)
     return ap
 
 

@@ -203,3 +203,26 @@ def test_generate_result_save_load_round_trip(tmp_path):
     back = A.AttentionResult.load(path)
     assert back.groups == r.groups and back.tokens == r.tokens
     torch.testing.assert_close(back.group_map("hair", 16, step=1), r.group_map("hair", 16, step=1))
+
+
+def test_cli_generate_writes_image_and_documented_maps(tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    from cosmiclite.cli import main
+    models.save_pipeline(models.build_pipeline("tiny-sd15"), tmp_path / "model")
+    out = tmp_path / "out"
+    rc = main(["generate", "--prompt", "a woman with red hair and blue jeans", "--model", str(tmp_path / "model"),
+               "--steps", "2", "--out", str(out / "img.png"), "--attention", str(out / "a.safetensors"),
+               "--attention-png", str(out / "a.png"), "--per-token", "--per-step", "--quiet"])
+    assert rc == 0
+    assert (out / "img.png").exists() and (out / "a.png").exists() and (out / "a-tokens.png").exists()
+    with safe_open(str(out / "a.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert {"group/hair/res16", "group/bottoms/res8", "tokens/res16", "timesteps"} <= keys
+        assert f.get_slice("group/hair/res16").get_shape() == [2, 16, 16]  # (T, r, r) with --per-step
+    r = A.AttentionResult.load(out / "a.safetensors")
+    assert "hair" in r.group_names and r.tokens[-1] == "<|endoftext|>"
+    # without --model and no shipped toy model: a clear message, exit status 2
+    monkeypatch.setattr(models, "TOY_MODEL_DIR", tmp_path / "no_toy")
+    assert main(["generate", "--prompt", "red hair", "--out", str(out / "x.png")]) == 2
+    assert "no trained toy model" in capsys.readouterr().err
