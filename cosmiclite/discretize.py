@@ -86,8 +86,8 @@ class Discretized:
 _WORD = re.compile(r"[^\W_]+")       # letter/digit runs: their edges are always CLIP token edges
 _CLAUSE = r"[,.;:!?]"                # punctuation that ends a noun phrase
 _TOKEN = re.compile(rf"([^\W_]+)|({_CLAUSE})")
-_STOP = frozenset("a an the and or with without wearing wears wear in on of at to is are has have her "
-                  "his their its this that who while".split())
+_STOP = frozenset("a an the and or with without wearing wears wear in on of at to by near from for next "
+                  "behind under over against beside is are has have her his their its this that who while".split())
 
 # Nouns a free caption uses for a group beyond the protocol's own answer words (which are added from
 # protocol.yaml automatically). Heads name a thing; adjectives shared by groups attach to them.
@@ -205,28 +205,35 @@ class Lexicon:
                         break
                 k -= 1
             i += k or 1
-        # 2. a head names its group; an attribute goes with the next head of its clause, else its only
-        #    group, else the previous head of its clause
-        group: list[str | None] = [None] * n
-        nxt: list[str | None] = [None] * len(matches)
-        following, cl = None, None
-        for j in range(len(matches) - 1, -1, -1):
-            a, _, e = matches[j]
-            if clause[a] != cl:
-                following, cl = None, clause[a]
-            nxt[j] = following
-            if e.head:
+        # 2. a head names its group; an attribute goes with the head it stands before ("red ... hair",
+        #    reached over other attributes, "and"/"or" and unknown words, not over "a", "with", "by" or
+        #    punctuation), else its only group, else the previous head of its clause ("hair, red")
+        match_at: list[_Entry | None] = [None] * n
+        for a, b, e in matches:
+            for k in range(a, b):
+                match_at[k] = e
+        nxt: list[str | None] = [None] * n
+        following = None
+        for i in range(n - 1, -1, -1):
+            if i == n - 1 or clause[i] != clause[i + 1]:
+                following = None
+            e = match_at[i]
+            if e is None and words[i] in _STOP and words[i] not in ("and", "or"):
+                following = None
+            nxt[i] = following
+            if e is not None and e.head:
                 following = e.groups[0]
+        group: list[str | None] = [None] * n
         previous, cl = None, None
-        for j, (a, b, e) in enumerate(matches):
+        for a, b, e in matches:
             if clause[a] != cl:
                 previous, cl = None, clause[a]
             if e.head:
                 g = e.groups[0] if len(e.groups) == 1 else (previous if previous in e.groups else
-                                                            nxt[j] if nxt[j] in e.groups else e.groups[0])
+                                                            nxt[a] if nxt[a] in e.groups else e.groups[0])
                 previous = g
             else:
-                g = nxt[j] or (e.groups[0] if len(e.groups) == 1 else previous)
+                g = nxt[a] or (e.groups[0] if len(e.groups) == 1 else previous)
             for k in range(a, b):
                 group[k] = g
         # 3. up to two unknown words right before an assigned word join it ("wooden fence")
@@ -328,7 +335,7 @@ class Discretizer:
         fast = [self.word_by_word and self._cacheable(c) for c in captions]
         self._phrase_ids([p.text.lower() for c, f in zip(captions, fast) if f for p in c.phrases])
         slow = [c for c, f in zip(captions, fast) if not f]
-        slow_out = iter(self._by_offsets([c.text for c in slow], [self._phrase_chars(c) for c in slow]))
+        slow_out = iter(self.discretize_by_offsets(slow))
         out = []
         cache, comma = self._ids, self.comma
         for c, f in zip(captions, fast):
@@ -350,6 +357,14 @@ class Discretizer:
             ids += [self.dot, self.eos]
             out.append(self._finish(c.text, ids, runs))
         return out
+
+    def discretize_by_offsets(self, captions: Sequence[Caption]) -> list[Discretized]:
+        """The slow, obviously right way: tokenize each whole caption and map phrases by char offsets.
+
+        `discretize_batch` gives the same result from its phrase cache (the tests check it does); this
+        is the path it falls back to for captions its cache cannot take.
+        """
+        return self._by_offsets([c.text for c in captions], [self._phrase_chars(c) for c in captions])
 
     @staticmethod
     def _phrase_chars(caption: Caption) -> list[tuple[str, list[str], int, int]]:
