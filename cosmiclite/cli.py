@@ -4,6 +4,8 @@
     cosmiclite caption ANNOTATION.json [--json]  caption, groups, phrases, token spans and ids (Sec. 4.2)
     cosmiclite discretize "free text" [--json]   the same for a free-form caption
     cosmiclite train-judge [--steps N] [--out PATH]  train the toy attribute judge, record its accuracy (Sec. 5.1)
+    cosmiclite toyworld --n N --out DIR [--size 64] [--seed S]   toy people as an imagefolder dataset (Sec. 3.3)
+    cosmiclite dataset-card DIR [--json]         Table-1-style statistics and a bar chart
     cosmiclite generate --prompt TEXT | --annotation FILE --out IMG.png [--attention OUT.safetensors]
                                                  an image and its cross-attention maps (Sec. 4.1, 4.3)
 
@@ -196,6 +198,40 @@ def cmd_train_judge(args) -> int:
     return 0
 
 
+# --- toyworld / dataset-card -----------------------------------------------------------------------------
+def cmd_toyworld(args) -> int:
+    """Render toy people and write them as a Hugging Face imagefolder dataset (Sec. 3.3)."""
+    from .data import write_toyworld
+
+    out = write_toyworld(args.n, args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.n} people ({args.size}x{args.size}, seeds {args.seed}..{args.seed + args.n - 1}) to {out}; "
+          f"open with datasets.load_dataset('imagefolder', data_dir='{out}')")
+    return 0
+
+
+def cmd_dataset_card(args) -> int:
+    """Table-1-style statistics of an imagefolder dataset, and a bar chart."""
+    from .data import dataset_card, plot_dataset_card
+
+    card = dataset_card(args.dir)
+    png = plot_dataset_card(card, args.chart or f"{args.dir.rstrip('/')}/dataset_card.png")
+    if args.json:
+        _print_json({**card, "chart": str(png)})
+        return 0
+    w, h = card["mean_resolution"]
+    print(f"images            {card['images']}  (skipped {card['skipped']}: {card['skip_reasons'] or '-'})")
+    print(f"mean resolution   {w:.0f}x{h:.0f}")
+    print(f"shot types        " + ", ".join(f"{k} {v}" for k, v in card["shot_types"].items()))
+    print(f"categories        {card['categories']} of {card['categories_in_protocol']} answered")
+    print(f"attribute labels  {card['attributes']} ({card['attributes_per_image']} per image)")
+    print(f"parsing maps      {card['with_parsing']}, captions {card['with_caption']}")
+    for q, v in card["per_category"].items():
+        if v:
+            print(f"  {q:<18} " + ", ".join(f"{a} {n}" for a, n in v.items()))
+    print(f"chart: {png}")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cosmiclite", description="CosmicMan (CVPR 2024), taken apart: "
@@ -250,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
                    "the JSON config goes beside it)")
     s.set_defaults(run=cmd_train_judge)
+
+    s = sub.add_parser("toyworld", help="render toy people (image, ATR parsing map, annotation, caption) "
+                       "into a Hugging Face imagefolder dataset")
+    s.add_argument("--n", type=int, required=True, help="how many people")
+    s.add_argument("--out", required=True, help="output folder (images/, parsing/, metadata.jsonl)")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels, 8..256 (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="first seed; person i is seed+i (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl")
+    s.set_defaults(run=cmd_toyworld)
+
+    s = sub.add_parser("dataset-card", help="Table-1-style statistics of an imagefolder dataset, and a bar chart")
+    s.add_argument("dir", help="a dataset folder with metadata.jsonl (e.g. data_samples/toy)")
+    s.add_argument("--chart", metavar="PNG", help="where to save the chart (default DIR/dataset_card.png)")
+    s.add_argument("--json", action="store_true", help="machine-readable statistics")
+    s.set_defaults(run=cmd_dataset_card)
     return ap
 
 

@@ -459,3 +459,83 @@ def write_toyworld(n: int, out: str | Path, *, size: int = 64, seed: int = 0, sa
         raise ValueError(f"--n {n}: write at least one person")
     people = (render(seed + i, size, sampling) for i in range(n))
     return write_imagefolder(people, out, source="toyworld", overwrite=overwrite, total=n)
+
+
+# --- dataset statistics (Table 1) ------------------------------------------------------------------------------
+def dataset_card(root: str | Path, protocol: Protocol | None = None) -> dict:
+    """Table-1-style statistics of an imagefolder dataset (Sec. 3.3): images, mean resolution, shot types
+    ("common scale"), categories answered, attribute labels (answers that are not "not visible"/"not
+    applicable"), and per category the count of each answer. Unreadable rows are counted under "skipped"."""
+    from PIL import Image
+    protocol = protocol or load_protocol()
+    root = Path(root)
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: {root} is not an imagefolder dataset "
+                                "(make one with `cosmiclite toyworld --n 32 --out DIR`)")
+    per_q: dict[str, Counter] = {q: Counter() for q in protocol.question_ids}
+    sizes, n_parsing, n_caption, report = [], 0, 0, ReadReport()
+    for k, line in enumerate(meta.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            with Image.open(root / row["file_name"]) as im:
+                sizes.append(im.size)
+            answers = Annotation.from_dict({"answers": row.get("annotation") or {}}, protocol).answers
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            report.skip(f"{meta}:{k + 1}", _reason(e))
+            continue
+        report.read += 1
+        n_parsing += bool(row.get("parsing_file_name"))
+        n_caption += bool(row.get("caption"))
+        for q, a in answers.items():
+            per_q[q][a] += 1
+    special = set(protocol.special_answers)
+    real = {q: {a: n for a, n in c.most_common() if a not in special} for q, c in per_q.items()}
+    n_attr = sum(sum(v.values()) for v in real.values())
+    images = report.read
+    return {
+        "images": images,
+        "mean_resolution": [round(float(np.mean([s[0] for s in sizes])), 1) if sizes else 0.0,
+                            round(float(np.mean([s[1] for s in sizes])), 1) if sizes else 0.0],
+        "shot_types": real.get("shot_type", {}),
+        "categories": sum(1 for v in real.values() if v),
+        "categories_in_protocol": len(protocol.questions),
+        "attributes": n_attr,
+        "attributes_per_image": round(n_attr / images, 2) if images else 0.0,
+        "with_parsing": n_parsing, "with_caption": n_caption,
+        "per_category": real,
+        "special_answers": {q: {a: c[a] for a in protocol.special_answers if c[a]} for q, c in per_q.items()},
+        "skipped": len(report.skipped), "skip_reasons": report.by_reason(),
+    }
+
+
+def plot_dataset_card(card: dict, path: str | Path) -> Path:
+    """A bar chart of a `dataset_card`: attribute labels per category, split by answer (PNG, Agg)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cats = [(q, v) for q, v in card["per_category"].items() if v]
+    fig_h = max(3.0, 0.22 * len(cats) + 1.2)
+    fig, ax = plt.subplots(figsize=(9, fig_h), dpi=100)
+    for i, (q, v) in enumerate(cats):
+        left = 0
+        for j, (a, n) in enumerate(v.items()):
+            ax.barh(i, n, left=left, color=plt.cm.tab20(j % 20), edgecolor="white", linewidth=0.5)
+            if n >= 0.06 * max(1, card["images"]):
+                ax.text(left + n / 2, i, a, ha="center", va="center", fontsize=6)
+            left += n
+    ax.set_yticks(range(len(cats)), [q for q, _ in cats], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("images with this answer")
+    w, h = card["mean_resolution"]
+    ax.set_title(f"{card['images']} images, mean {w:.0f}x{h:.0f}, {card['categories']} categories, "
+                 f"{card['attributes']} attribute labels", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
