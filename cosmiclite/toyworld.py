@@ -55,7 +55,7 @@ HAIR_COLORS: dict[str, tuple[int, int, int]] = {
     "grey": (150, 150, 150), "white": (236, 236, 232), "blue": (50, 90, 210), "pink": (240, 120, 170),
 }
 SKIN_TONES: dict[str, tuple[int, int, int]] = {
-    "light": (245, 212, 188), "medium": (214, 165, 125), "tan": (168, 115, 75), "dark": (92, 58, 40),
+    "light": (248, 218, 196), "medium": (206, 152, 110), "tan": (160, 108, 70), "dark": (90, 56, 38),
 }
 
 # ATR label values (protocol parts), named for readability.
@@ -224,11 +224,32 @@ class Person:
     worn: dict = field(default_factory=dict, repr=False)
 
 
+class _Uniforms:
+    """Uniform draws from a seeded numpy Generator, fetched 64 at a time (one numpy call per batch
+    instead of one per draw: the renderer makes ~40 draws per person)."""
+
+    def __init__(self, seed: int):
+        self._gen = np.random.default_rng(seed)
+        self._buf: list[float] = []
+
+    def random(self) -> float:
+        if not self._buf:
+            self._buf = self._gen.random(64).tolist()[::-1]
+        return self._buf.pop()
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.random()
+
+    def integers(self, lo: int, hi: int) -> int:
+        """An int in [lo, hi)."""
+        return lo + min(int(self.random() * (hi - lo)), hi - lo - 1)
+
+
 class _Reject(Exception):
     """A draw ruled out by the sampling (all weights 0 among the allowed answers, or an excluded combo)."""
 
 
-def _pick(rng: np.random.Generator, sampling: Sampling, qid: str, allowed: Sequence[str] | None = None) -> str:
+def _pick(rng: _Uniforms, sampling: Sampling, qid: str, allowed: Sequence[str] | None = None) -> str:
     """Draw one answer of `qid` among `allowed` (default: all the world draws) by the sampling's weights."""
     key = (qid, allowed)
     table = sampling._tables.get(key)
@@ -242,7 +263,7 @@ def _pick(rng: np.random.Generator, sampling: Sampling, qid: str, allowed: Seque
     return options[min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(options) - 1)]
 
 
-def sample_outfit(rng: np.random.Generator, sampling: Sampling) -> dict:
+def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
     """Draw the latent person: question id -> answer for everything the world draws (before cropping)."""
     p = lambda qid, allowed=None: _pick(rng, sampling, qid, allowed)  # noqa: E731
     w: dict[str, str] = {"shot_type": p("shot_type"), "scene": p("scene"), "skin_tone": p("skin_tone"),
@@ -283,6 +304,7 @@ def sample_outfit(rng: np.random.Generator, sampling: Sampling) -> dict:
     w["wear_bag"] = p("wear_bag")
     if w["wear_bag"] == "yes":
         w["bag_type"], w["bag_color"] = p("bag_type"), p("bag_color")
+        w["bag_side"] = ("left", "right")[int(rng.random() < 0.5)]  # the person's side it hangs on
     w["wear_scarf"] = p("wear_scarf")
     if w["wear_scarf"] == "yes":
         w["scarf_color"] = p("scarf_color")
@@ -429,33 +451,37 @@ def _pattern_mask(size: int, pattern: str) -> np.ndarray:
     return m
 
 
-def _shade(rgb) -> tuple[int, int, int]:
+def _shade(rgb, strength: float = 1.0) -> tuple[int, int, int]:
     """A pattern's second colour: a darker shade of the garment (a lighter one for black), so the region's
-    mean colour stays nearest to the garment's colour word."""
+    mean colour stays nearest to the garment's colour word (tested for every colour and pattern)."""
     c = np.asarray(rgb, float)
     lum = 0.3 * c[0] + 0.59 * c[1] + 0.11 * c[2]
-    out = c * 0.55 if lum >= 60 else c + 0.4 * (255 - c)
+    if lum < 60:
+        out = c + 0.3 * strength * (255 - c)
+    else:
+        out = c * (1 - (0.3 if lum >= 180 else 0.45) * strength)
     return tuple(int(v) for v in out)
 
 
-@lru_cache(maxsize=64)
-def _flat(size: int, rgb: tuple) -> np.ndarray:
-    a = np.empty((size, size, 3), np.uint8)
-    a[:] = rgb
-    a.flags.writeable = False
-    return a
+@lru_cache(maxsize=16)
+def _studio_gain(n: int) -> np.ndarray:
+    rows = (np.arange(n) + 0.5) / n
+    return np.where(rows < 0.72, 1.08 - 0.12 * rows, 0.9)[:, None, None]
 
 
-def _background(n: int, scene: str, color: str, rng: np.random.Generator) -> np.ndarray:
+@lru_cache(maxsize=16)
+def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(n, dtype=np.float32)[:, None], np.arange(n, dtype=np.float32)[None, :]
+
+
+def _background(n: int, scene: str, color: str, rng: _Uniforms) -> np.ndarray:
     """Frame-space backgrounds: a wall colour, a studio sweep, or a simple scene (uint8 (n, n, 3))."""
     base = np.asarray(COLORS[color], float)
     if scene == "plain wall":
         return COLORS[color]  # a flat colour: `_Canvas.finish` fills it in with one look-up
     img = np.empty((n, n, 3), np.uint8)
     if scene == "studio backdrop":  # a vertical sweep: lighter at the top, a darker floor at the bottom
-        rows = (np.arange(n) + 0.5) / n
-        g = np.where(rows < 0.72, 1.08 - 0.12 * rows, 0.9)[:, None, None]
-        img[:] = np.clip(base[None, None, :] * g, 0, 255).astype(np.uint8)
+        img[:] = np.clip(base * _studio_gain(n), 0, 255)
     elif scene == "indoor room":  # a wall, a window, a wooden floor
         img[:] = COLORS[color]
         wx = int(rng.integers(0, max(1, n // 2)))
@@ -474,10 +500,11 @@ def _background(n: int, scene: str, color: str, rng: np.random.Generator) -> np.
     elif scene == "park":  # sky, round tree tops, grass
         img[:int(0.3 * n)] = (150, 200, 240)
         img[int(0.3 * n):] = (70, 160, 60)
-        yy, xx = np.ogrid[:int(0.5 * n), :n]
+        yy, xx = _grid(n)
+        h = int(0.5 * n)
         for _ in range(3):
             cx, r = rng.uniform(0, n), rng.uniform(0.1, 0.2) * n
-            img[:int(0.5 * n)][(xx - cx) ** 2 + (yy - 0.3 * n) ** 2 <= r * r] = (40, 115, 45)
+            img[:h][(xx - cx) ** 2 + (yy[:h] - 0.3 * n) ** 2 <= r * r] = (40, 115, 45)
     elif scene == "beach":  # sky, sea, sand
         img[:int(0.45 * n)] = (90, 150, 235)
         img[int(0.45 * n):int(0.68 * n)] = (30, 80, 200)
@@ -487,7 +514,7 @@ def _background(n: int, scene: str, color: str, rng: np.random.Generator) -> np.
     return img
 
 
-def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
+def _draw_person(cv: _Canvas, w: dict) -> None:
     """Paint the person back to front; labels are ATR values, x > 0 is the person's left (image right)."""
     bw = WIDTH[w["body_shape"]]
     skin = SKIN_TONES[w["skin_tone"]]
@@ -520,9 +547,6 @@ def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
         cv.rect(foot, cx - leg_r1 - 0.004, cx + leg_r1 + 0.004, SHOE_TOP_Y - 0.004, SOLE_Y - 0.03)
         if shod and w["shoes_type"] == "boots":
             cv.rect(foot, cx - leg_r1 - 0.008, cx + leg_r1 + 0.008, BOOT_TOP[w["shoes_length"]], SOLE_Y - 0.03)
-        elif shod:  # a sneaker's sole (white, or grey on white shoes)
-            sole = (250, 250, 250) if w["shoes_color"] != "white" else (150, 150, 150)
-            cv.rect(cv.material(shoe_label, sole), toe - 0.036, toe + 0.036, SOLE_Y - 0.012, SOLE_Y)
     if not dress:
         b_label = SKIRT if w["bottoms_type"] == "skirt" else PANTS
         b = cv.material(b_label, COLORS[w["bottoms_color"]], w["bottoms_pattern"])
@@ -553,9 +577,8 @@ def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
         cv.trapezoid(face, SHOULDER_Y - 0.005, 0.235, -0.032, 0.032, -0.002, 0.002)
     elif collar in ("crew neck", "hooded"):
         cv.ellipse(face, 0, SHOULDER_Y - 0.002, 0.03, 0.02)
-    elif collar == "collar":  # a jacket: lapels open on a white (or black) shirt
-        inner = (245, 245, 245) if w["top_color"] != "white" else (30, 30, 30)
-        cv.trapezoid(cv.material(TOP, inner), SHOULDER_Y - 0.005, 0.3, -0.03, 0.03, -0.004, 0.004)
+    elif collar == "collar":  # a jacket: lapels open on a shirt (a shade of the jacket, so its mean colour holds)
+        cv.trapezoid(cv.material(TOP, _shade(COLORS[w["top_color"]])), SHOULDER_Y - 0.005, 0.3, -0.03, 0.03, -0.004, 0.004)
         cv.ellipse(face, 0, SHOULDER_Y - 0.002, 0.022, 0.016)
     if w["wear_belt"] == "yes":
         cv.rect(cv.material(BELT, COLORS[w["belt_color"]]), -waist_x - 0.008, waist_x + 0.008, WAIST_Y - 0.012,
@@ -578,7 +601,7 @@ def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
     # 5. bags in front
     if w["wear_bag"] == "yes":
         bag = cv.material(BAG, COLORS[w["bag_color"]])
-        side = 1 if rng.random() < 0.5 else -1
+        side = 1 if w["bag_side"] == "left" else -1
         hx = side * (sh_x + 0.03 * bw + 0.014)
         if w["bag_type"] == "handbag":
             cv.rect(bag, hx - 0.008, hx + 0.008, 0.44, 0.49)  # the handle in the hand
@@ -612,8 +635,8 @@ def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
 
     # 8. hair: the top, then the sides
     if hl != "bald":
-        cv.ellipse(hair, 0, 0.03, 0.057, 0.035)
-        cv.rect(hair, -0.057, 0.057, 0.02, 0.034)
+        cv.ellipse(hair, 0, 0.036, 0.057, 0.041, y_to=0.036)  # the crown
+        cv.rect(hair, -0.054, 0.054, 0.02, 0.036)  # the hairline above the forehead
         if hl == "short":
             for s in (-1, 1):
                 cv.rect(hair, s * 0.05 - 0.009, s * 0.05 + 0.009, 0.03, HAIR_END["short"])
@@ -628,7 +651,7 @@ def _draw_person(cv: _Canvas, w: dict, rng: np.random.Generator) -> None:
         ht = w["hat_type"]
         if ht == "beanie":
             cv.ellipse(hat, 0, 0.03, 0.059, 0.052, y_to=0.03)
-            cv.rect(cv.material(HAT, _shade(COLORS[w["hat_color"]])), -0.059, 0.059, 0.024, 0.042)  # the rim
+            cv.rect(cv.material(HAT, _shade(COLORS[w["hat_color"]], 0.6)), -0.059, 0.059, 0.024, 0.042)  # the rim
         elif ht == "sun hat":
             cv.ellipse(hat, 0, 0.012, 0.046, 0.042)
             cv.ellipse(hat, 0, 0.03, 0.118, 0.02)
@@ -686,13 +709,16 @@ def _geometry_visible(qid: str, w: dict, v_bot: float) -> bool:
 
 
 def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | None = None) -> Annotation:
-    """Answers for what the frame shows: the latent outfit `w` filtered by the pixels and the crop."""
+    """Answers for what the frame shows: the latent outfit `w` filtered by the pixels and the crop.
+
+    `v_bot` is the lowest person-unit row in the frame (y = 1 at the soles).
+    """
     protocol = protocol or load_protocol()
     n = parsing.shape[0]
-    counts = np.bincount(parsing.ravel(), minlength=18)
+    counts = np.bincount(parsing.ravel(), minlength=18).tolist()
     present_px = max(3, round(3 * (n / 64) ** 2))
     detail_px = max(20, round(24 * (n / 64) ** 2))
-    a = {q: NOT_APPLICABLE for q in protocol.question_ids}
+    a = dict(_not_applicable(protocol))
     a["shot_type"], a["scene"], a["background_color"] = w["shot_type"], w["scene"], w["background_color"]
     a["skin_tone"] = w["skin_tone"]
     inside = lambda y: y <= v_bot - 0.015  # noqa: E731
@@ -700,30 +726,39 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
     a["arm_exposure"] = w["arm_exposure"] if inside(0.47) else NOT_VISIBLE
     a["leg_exposure"] = w["leg_exposure"] if inside(SOLE_Y) else NOT_VISIBLE
     for item, (labels, by_pixels, by_detail, by_geometry) in _GROUP_QUESTIONS.items():
-        px = int(counts[list(labels)].sum())
-        if item == "bottoms" and w.get("bottoms_type") != "skirt":
-            by_geometry = tuple(q for q in by_geometry if q != "skirt_shape")
-        qs = (*by_pixels, *by_detail, *by_geometry)
-        wear_q = by_pixels[0] if by_pixels[0].startswith("wear_") else None
-        worn = w.get(wear_q) == "yes" if wear_q else w["hair_length"] != "bald"
-        if item == "hair" and not worn:  # bald: the length is visible where the head is, colour n/a
-            a["hair_length"] = "bald" if counts[HAT] == 0 or w.get("hat_type") == "sun hat" else NOT_VISIBLE
+        wear_q = by_pixels[0] if item != "hair" else None
+        if item == "hair":
+            if w["hair_length"] == "bald":  # the length is seen on a bare head; there is no colour
+                a["hair_length"] = "bald" if w["wear_hat"] != "yes" else NOT_VISIBLE
+                continue
+        elif w[wear_q] != "yes":
+            a[wear_q] = "no" if inside(_ABSENCE_VISIBLE[item]) else NOT_VISIBLE
             continue
-        if not worn:
-            if wear_q:
-                a[wear_q] = "no" if inside(_ABSENCE_VISIBLE[item]) else NOT_VISIBLE
-            continue
+        if item == "bottoms" and w["bottoms_type"] != "skirt":
+            by_geometry = by_geometry[:2]  # skirt_shape stays "not applicable"
+        px = sum(counts[k] for k in labels)
         if px < present_px:
-            for q in qs:
+            for q in (*by_pixels, *by_detail, *by_geometry):
                 a[q] = NOT_VISIBLE
             continue
         for q in by_pixels:
-            a[q] = w[q] if not q.startswith("wear_") else "yes"
+            a[q] = w[q] if q != wear_q else "yes"
         for q in by_detail:
             a[q] = w[q] if px >= detail_px else NOT_VISIBLE
         for q in by_geometry:
             a[q] = w[q] if _geometry_visible(q, w, v_bot) else NOT_VISIBLE
     return Annotation(a, protocol=protocol)
+
+
+_NA_TEMPLATES: dict[int, dict] = {}
+
+
+def _not_applicable(protocol: Protocol) -> dict:
+    """Every question answered "not applicable" (a template copied per person)."""
+    t = _NA_TEMPLATES.get(id(protocol))
+    if t is None:
+        t = _NA_TEMPLATES[id(protocol)] = {q: NOT_APPLICABLE for q in protocol.question_ids}
+    return t
 
 
 # --- the public API ---------------------------------------------------------------------------------
@@ -739,7 +774,7 @@ def render(seed: int, size: int = 64, sampling: Sampling | None = None) -> Perso
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed = {seed!r}: pass a non-negative integer")
     sampling = sampling or _DEFAULT_SAMPLING
-    rng = np.random.default_rng(int(seed))
+    rng = _Uniforms(int(seed))
     for _ in range(sampling.max_tries):
         try:
             w = sample_outfit(rng, sampling)
@@ -757,7 +792,7 @@ def render(seed: int, size: int = 64, sampling: Sampling | None = None) -> Perso
     cx = size / 2 + rng.uniform(-0.8, 0.8) * room + rng.uniform(-0.04, 0.04) * size
     cv = _Canvas(int(size), scale, -cx / scale, v_top)
     background = _background(int(size), w["scene"], w["background_color"], rng)
-    _draw_person(cv, w, rng)
+    _draw_person(cv, w)
     image, parsing = cv.finish(background)
     ann = annotate(w, parsing, v_bot)
     return Person(image, parsing, ann, int(seed), w)
