@@ -40,15 +40,21 @@ from cosmiclite.tokenizer import clip_tokenizer  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def rate(fn, items, batch, rounds):
-    """Median captions/s over `rounds` passes of fn over `items` in batches."""
-    times = []
+def rates(fns: dict, items: dict, batch: int, rounds: int) -> dict:
+    """Median items/s of each fn over `rounds` passes, the fns taking turns within each round.
+
+    Taking turns means a burst of load from another process on this shared machine hits all of them
+    alike, so their ratio holds even when the absolute figures wander.
+    """
+    times = {k: [] for k in fns}
     for _ in range(rounds):
-        t = time.perf_counter()
-        for i in range(0, len(items), batch):
-            fn(items[i:i + batch])
-        times.append(time.perf_counter() - t)
-    return len(items) / statistics.median(times)
+        for k, fn in fns.items():
+            xs = items[k]
+            t = time.perf_counter()
+            for i in range(0, len(xs), batch):
+                fn(xs[i:i + batch])
+            times[k].append(time.perf_counter() - t)
+    return {k: len(items[k]) / statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):
@@ -77,11 +83,8 @@ def main(argv=None):
     cold = (n // 2) / (time.perf_counter() - t)
     d.discretize_batch(warm)  # steady state: phrases seen before
     bare(texts[:args.batch])  # warm-up
-    figures = {
-        "bare_tokenization": rate(bare, texts, args.batch, rounds),
-        "composed": rate(d.discretize_batch, caps, args.batch, rounds),
-        "free_text": rate(d.discretize_text_batch, texts, args.batch, rounds),
-    }
+    figures = rates({"bare_tokenization": bare, "composed": d.discretize_batch, "free_text": d.discretize_text_batch},
+                    {"bare_tokenization": texts, "composed": caps, "free_text": texts}, args.batch, rounds)
     anns = [random_annotation(rng) for _ in range(n // 2)]
     t = time.perf_counter()
     for a in anns:

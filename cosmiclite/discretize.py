@@ -86,6 +86,8 @@ class Discretized:
 _WORD = re.compile(r"[^\W_]+")       # letter/digit runs: their edges are always CLIP token edges
 _CLAUSE = r"[,.;:!?]"                # punctuation that ends a noun phrase
 _TOKEN = re.compile(rf"([^\W_]+)|({_CLAUSE})")
+# CLIP's pre-tokenizer (transformers' CLIPTokenizer) for plain ASCII text, where \p{L} is [a-z] and \p{N} [0-9]
+_ASCII_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)
 _STOP = frozenset("a an the and or with without wearing wears wear in on of at to by near from for next "
                   "behind under over against beside is are has have her his their its this that who while".split())
 
@@ -273,7 +275,8 @@ class Discretizer:
         self.max_length = min(int(tokenizer.model_max_length), 10_000)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        self._ids: dict[str, list[int]] = {}
+        self._ids: dict[str, list[int]] = {}        # phrase -> ids (composed captions)
+        self._word_ids: dict[str, list[int]] = {}   # CLIP pre-token -> ids (free text)
         (self.comma,), (self.dot,) = self._phrase_ids([SEP.strip(), END])
         self.lexicon = Lexicon(protocol)
         self.word_by_word = self._probe()
@@ -287,14 +290,21 @@ class Discretizer:
         return [self._ids[p] for p in phrases]
 
     def _probe(self) -> bool:
-        """Whether joining cached phrase ids reproduces this tokenizer's own ids (true for CLIP BPE)."""
+        """Whether joining cached phrase (and pre-token) ids reproduces this tokenizer's own ids.
+
+        True for CLIP's BPE; a tokenizer for which it fails is still right, only slower (offsets path).
+        """
         text = "A full-body shot, an adult female, red wavy hair, t-shirt, 3 oxford shoes."
         own = self.tokenizer(text)["input_ids"]
         parts = text[:-1].split(SEP)
         ids = [self.bos]
         for i, p in enumerate(self._phrase_ids([p.lower() for p in parts])):
             ids += ([self.comma] if i else []) + p
-        return own == ids + [self.dot, self.eos]
+        if own != ids + [self.dot, self.eos]:
+            return False
+        self.word_by_word = True  # now try the pre-token cache on a harder text
+        text = "She's wearing 1980s-style (RED) jeans!!, can't  stop; A-line_skirt ok?"
+        return self._encode_words([text])[0][0] == self.tokenizer(text)["input_ids"]
 
     @staticmethod
     def _cacheable(caption: Caption) -> bool:
@@ -376,12 +386,18 @@ class Discretizer:
                 runs.append((p.group, [p.text], p.start, p.end))
         return runs
 
-    def _by_offsets(self, texts: Sequence[str], char_runs: Sequence[list[tuple[str, list[str], int, int]]]):
-        """Token spans from the tokenizer's character offsets (untruncated, so lost groups are known)."""
+    def _by_offsets(self, texts: Sequence[str], char_runs: Sequence[list[tuple[str, list[str], int, int]]],
+                    word_cache: bool = False) -> list[Discretized]:
+        """Token spans from character offsets (untruncated, so lost groups are known).
+
+        The offsets come from the tokenizer itself, or with `word_cache` from the pre-token cache, whose
+        offsets are those of whole pre-tokens: enough for spans whose edges are pre-token edges.
+        """
         if not texts:
             return []
         out = []
-        for text, runs, (ids, offs) in zip(texts, char_runs, self._encode_with_offsets(texts)):
+        encoded = self._encode_words(texts) if word_cache else self._encode_with_offsets(texts)
+        for text, runs, (ids, offs) in zip(texts, char_runs, encoded):
             starts = [o[0] for o in offs[1:-1]]  # real tokens only, the start/end tokens dropped
             ends = [o[1] for o in offs[1:-1]]
             tok_runs = []
@@ -407,6 +423,32 @@ class Discretizer:
         enc = self.tokenizer(list(texts), return_offsets_mapping=True, truncation=False, padding=False)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
+    def _encode_words(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Like `_encode_with_offsets`, from a cache of each CLIP pre-token's ids (the trick of
+        `discretize_batch`, one level down: BPE never looks across pre-tokens). Only plain printable
+        ASCII text takes this path, where Python's regex splits exactly as CLIP's; the rest goes to the
+        tokenizer."""
+        plain = [self.word_by_word and t.isascii() and t.isprintable() and "<|" not in t for t in texts]
+        pieces = [[(m.group().lower(), m.start(), m.end()) for m in _ASCII_PRETOKEN.finditer(t)] if ok else None
+                  for t, ok in zip(texts, plain)]
+        cache = self._word_ids
+        missing = list(dict.fromkeys(w for ps in pieces if ps for w, _, _ in ps if w not in cache))
+        if missing:
+            cache.update(zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]))
+        rest = iter(self._encode_with_offsets([t for t, ok in zip(texts, plain) if not ok]))
+        out = []
+        for ps in pieces:
+            if ps is None:
+                out.append(next(rest))
+                continue
+            ids, offs = [self.bos], [(0, 0)]
+            for w, a, b in ps:
+                wid = cache[w]
+                ids += wid
+                offs += [(a, b)] * len(wid)
+            out.append((ids + [self.eos], offs + [(0, 0)]))
+        return out
+
     # free text ---------------------------------------------------------------------------------------
     def discretize_text_batch(self, texts: Sequence[str]) -> list[Discretized]:
         """Groups of free-form captions by the lexicon, spans by character offsets."""
@@ -417,7 +459,7 @@ class Discretizer:
         for t in texts:
             segs = self.lexicon.segments(t)
             runs.append([(g, _split_phrases(t[a:b]), a, b) for g, a, b in segs])
-        return self._by_offsets(texts, runs)
+        return self._by_offsets(texts, runs, word_cache=True)
 
 
 def _split_phrases(segment: str) -> list[str]:
