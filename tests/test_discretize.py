@@ -164,3 +164,14 @@ def test_free_text_agrees_with_composed_spans(random_captions):
         total += len(a.groups)
         found += sum(1 for g in a.groups if b.span(g.name))
     assert found / total > 0.9  # recall; the misses are phrases with no noun, e.g. a lone colour
+
+
+@pytest.mark.parametrize("text", [
+    "She's wearing 1980s-style (RED) jeans!!, can't  stop; A-line_skirt ok?",
+    "a man   in a T-SHIRT... and 3/4 sleeves -- 'quoted' words, it'll rain",
+    "tab\tand\nnewline: café, naïve Zürich, 東京",   # not plain ASCII: the tokenizer's own offsets
+    "<|startoftext|> a woman <|endoftext|>",
+])
+def test_free_text_ids_equal_the_tokenizers(text):
+    d = discretize_text(text)
+    assert list(d.input_ids) == TOK(text, padding="max_length", truncation=True, max_length=77)["input_ids"]
