@@ -232,6 +232,23 @@ def cmd_dataset_card(args) -> int:
     return 0
 
 
+# --- train / export-lora ---------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    """Run a training config (Eq. 4: noise loss + HOLA; LoRA or full; the toy VAE stage)."""
+    from .train import run_cli
+
+    return run_cli(args)
+
+
+def cmd_export_lora(args) -> int:
+    """Convert a diffusers-format LoRA (OUTPUT/lora of a training run) to kohya's format (A1111, ComfyUI)."""
+    from .train import export_lora
+
+    out = export_lora(args.lora_dir, args.out, format=args.format)
+    print(f"wrote {out} ({args.format} format)")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cosmiclite", description="CosmicMan (CVPR 2024), taken apart: "
@@ -301,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chart", metavar="PNG", help="where to save the chart (default DIR/dataset_card.png)")
     s.add_argument("--json", action="store_true", help="machine-readable statistics")
     s.set_defaults(run=cmd_dataset_card)
+
+    s = sub.add_parser("train", help="train from a YAML config: LoRA/full fine-tune with HOLA (Eq. 4), or the "
+                       "toy base model (stage vae, then unet)")
+    s.add_argument("--config", required=True, help="YAML training config (presets in configs/)")
+    s.add_argument("--max-steps", type=int, default=None, help="override run.max_steps")
+    s.add_argument("--output", default=None, help="run folder (default: the config's `output`)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set run.batch_size=8 (YAML value syntax)")
+    s.set_defaults(run=cmd_train)
+
+    s = sub.add_parser("export-lora", help="convert a trained LoRA (diffusers format) to kohya's .safetensors")
+    s.add_argument("lora_dir", help="the LoRA folder a training run wrote (OUTPUT/lora)")
+    s.add_argument("--format", default="kohya", choices=["kohya"], help="target format (default kohya)")
+    s.add_argument("--out", required=True, help="the .safetensors file to write")
+    s.set_defaults(run=cmd_export_lora)
     return ap
 
 
@@ -313,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except AnnotationError as e:
         print(f"cosmiclite {args.command}: error: {e}", file=sys.stderr)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cosmiclite {args.command}: error: {msg}", file=sys.stderr)
     except BrokenPipeError:  # `cosmiclite protocol | head`: the reader left, which is fine

@@ -118,8 +118,10 @@ def write_imagefolder(records: Iterable, out: str | Path, *, label_set: str = "a
         raise FileExistsError(f"{meta} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
     if label_set not in LABEL_SETS:
         raise ValueError(f"unknown label set {label_set!r}; use one of {', '.join(LABEL_SETS)}")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "parsing").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "parsing"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / sub).glob("[0-9]*.png"):  # stale files of an overwritten dataset
+            old.unlink()
     lines = []
     for i, r in enumerate(tqdm(records, total=total, desc="writing people", unit="img")):
         stem = f"{i:06d}"

@@ -1,0 +1,168 @@
+"""Toy world: determinism, parsing/annotation agreement, colours, crops, left/right, biased sampling."""
+import numpy as np
+import pytest
+
+from cosmiclite.protocol import NOT_APPLICABLE, NOT_VISIBLE, Annotation
+from cosmiclite.toyworld import (BAG, BELT, COLORS, DRESS, FACE, HAIR, HAIR_COLORS, HAT, L_ARM, L_LEG, L_SHOE,
+                                 PANTS, R_ARM, R_LEG, R_SHOE, SCARF, SKIN_TONES, SKIRT, SUNGLASSES, TOP,
+                                 WORLD_ANSWERS, Sampling, SamplingError, colorize, contact_sheet, render)
+
+SEEDS = range(400)
+WEAR = {"wear_hat": [HAT], "wear_eyewear": [SUNGLASSES], "wear_top": [TOP], "wear_bottoms": [SKIRT, PANTS],
+        "wear_dress": [DRESS], "wear_belt": [BELT], "wear_shoes": [L_SHOE, R_SHOE], "wear_bag": [BAG],
+        "wear_scarf": [SCARF]}
+COLOR_REGIONS = {"top_color": [TOP], "bottoms_color": [SKIRT, PANTS], "dress_color": [DRESS], "hat_color": [HAT],
+                 "belt_color": [BELT], "shoes_color": [L_SHOE, R_SHOE], "bag_color": [BAG], "scarf_color": [SCARF]}
+
+
+def nearest(rgb, table):
+    names = list(table)
+    d = ((np.array([table[n] for n in names], float) - rgb) ** 2).sum(1)
+    return names[int(d.argmin())]
+
+
+@pytest.fixture(scope="module")
+def people():
+    return [render(s) for s in SEEDS]
+
+
+def test_deterministic_per_seed():
+    a, b = render(7), render(7)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.parsing, b.parsing)
+    assert a.annotation.answers == b.annotation.answers
+    assert not np.array_equal(render(8).image, a.image)
+
+
+def test_shapes_types_and_sizes():
+    for size in (32, 64, 100, 256):
+        p = render(3, size)
+        assert p.image.shape == (size, size, 3) and p.image.dtype == np.uint8
+        assert p.parsing.shape == (size, size) and p.parsing.dtype == np.uint8
+        assert p.parsing.max() <= 17
+    for bad in (4, 257, 64.0):
+        with pytest.raises(ValueError, match="size"):
+            render(0, bad)
+    with pytest.raises(ValueError, match="seed"):
+        render(-1)
+
+
+def test_every_annotation_validates_and_only_world_questions_are_answered(people):
+    for p in people:
+        a = p.annotation.answers
+        Annotation(dict(a))  # validates again from scratch
+        assert len(a) == 70
+        for q, ans in a.items():
+            if q not in WORLD_ANSWERS:
+                assert ans == NOT_APPLICABLE, (p.seed, q, ans)
+            elif ans not in (NOT_APPLICABLE, NOT_VISIBLE):
+                assert ans in WORLD_ANSWERS[q], (p.seed, q, ans)
+
+
+def test_worn_parts_have_pixels_and_absent_parts_have_none(people):
+    for p in people:
+        a = p.annotation.answers
+        counts = np.bincount(p.parsing.ravel(), minlength=18)
+        for q, labels in WEAR.items():
+            px = counts[labels].sum()
+            if a[q] == "yes":
+                assert px > 0, (p.seed, q)
+            if a[q] == "no" or p.worn[q] == "no":
+                assert px == 0, (p.seed, q, px)
+        if a["hair_length"] == "bald" or p.worn["hair_length"] == "bald":
+            assert counts[HAIR] == 0, p.seed
+        if a["hair_color"] in HAIR_COLORS:
+            assert counts[HAIR] > 0, p.seed
+        assert counts[FACE] > 0  # the head is always in the frame
+        if a["leg_exposure"] == "covered legs":
+            assert counts[[L_LEG, R_LEG]].sum() == 0, p.seed
+        if a["leg_exposure"] in ("bare legs", "partly bare legs"):
+            assert counts[[L_LEG, R_LEG]].sum() > 0, p.seed
+        if a["arm_exposure"] == "bare arms":
+            assert a["wear_top"] != "yes" or a["sleeve_length"] == "sleeveless"
+
+
+def test_colour_answers_match_the_mean_colour_of_their_region(people):
+    checked = 0
+    for p in people:
+        a = p.annotation.answers
+        for q, labels in COLOR_REGIONS.items():
+            if a[q] in COLORS:
+                m = np.isin(p.parsing, labels)
+                assert nearest(p.image[m].mean(0), COLORS) == a[q], (p.seed, q)
+                checked += 1
+        if a["hair_color"] in HAIR_COLORS:
+            assert nearest(p.image[p.parsing == HAIR].mean(0), HAIR_COLORS) == a["hair_color"], p.seed
+        assert nearest(p.image[p.parsing == FACE].mean(0), SKIN_TONES) == a["skin_tone"], p.seed
+        if a["scene"] in ("plain wall", "studio backdrop"):
+            assert nearest(p.image[p.parsing == 0].mean(0), COLORS) == a["background_color"], p.seed
+    assert checked > 500
+
+
+def test_crops_make_parts_not_visible(people):
+    by_shot = {}
+    for p in people:
+        by_shot.setdefault(p.annotation.answers["shot_type"], []).append(p.annotation.answers)
+    assert set(by_shot) == set(WORLD_ANSWERS["shot_type"])
+    for a in by_shot["headshot"]:
+        assert a["wear_shoes"] == NOT_VISIBLE and a["bottoms_type"] in (NOT_VISIBLE, NOT_APPLICABLE)
+        assert a["body_shape"] == NOT_VISIBLE
+    for a in by_shot["nearly full body"]:
+        assert a["shoes_type"] in (NOT_VISIBLE, NOT_APPLICABLE) and a["leg_exposure"] == NOT_VISIBLE
+        if a["bottoms_length"] == "full-length" or a["dress_length"] == "maxi":
+            pytest.fail("a full-length hem is cut off in a nearly-full-body shot")
+    for a in by_shot["full body"]:
+        assert a["wear_shoes"] in ("yes", "no") and a["leg_exposure"] != NOT_VISIBLE
+
+
+def test_left_parts_are_the_persons_left_on_the_image_right(people):
+    n = 0
+    for p in people:
+        cols = np.arange(p.parsing.shape[1])[None, :]
+        for left, right in ((L_ARM, R_ARM), (L_LEG, R_LEG), (L_SHOE, R_SHOE)):
+            ml, mr = p.parsing == left, p.parsing == right
+            if ml.sum() > 3 and mr.sum() > 3:
+                assert (cols * ml).sum() / ml.sum() > (cols * mr).sum() / mr.sum(), (p.seed, left)
+                n += 1
+    assert n > 100
+
+
+def test_contact_sheet_and_colorize(tmp_path):
+    sheet = contact_sheet(range(4), tmp_path / "s.png", size=32, upscale=2, columns=2)
+    assert (tmp_path / "s.png").is_file() and sheet.shape == (2 * (2 * 64 + 6), 2 * (64 + 2) + 2, 3)
+    assert colorize(np.array([[0, 17]], np.uint8)).shape == (1, 2, 3)
+    with pytest.raises(ValueError):
+        colorize(np.array([[18]]))
+
+
+def test_biased_sampling_and_held_out_combinations():
+    never_red = Sampling(weights={"top_color": {"red": 0}})
+    assert all(render(s, 32, never_red).worn.get("top_color") != "red" for s in range(150))
+    mostly_red = Sampling(weights={"top_color": {"red": 50}, "wear_dress": {"yes": 0}})
+    reds = sum(render(s, 32, mostly_red).worn["top_color"] == "red" for s in range(100))
+    assert reds > 70
+    held_out = Sampling(weights={"top_color": {"red": 20}, "bottoms_color": {"blue": 20}, "wear_dress": {"yes": 0}},
+                        exclude=[{"top_color": "red", "bottoms_color": "blue"}])
+    worn = [render(s, 32, held_out).worn for s in range(150)]
+    assert not any(w["top_color"] == "red" and w["bottoms_color"] == "blue" for w in worn)
+    assert sum(w["top_color"] == "red" for w in worn) > 30 and sum(w["bottoms_color"] == "blue" for w in worn) > 30
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weights": {"top_colour": {"red": 1}}}, "unknown question 'top_colour'"),
+    ({"weights": {"top_color": {"teal": 1}}}, "'teal' of 'top_color' is not an answer of the protocol"),
+    ({"weights": {"top_type": {"sweater": 1}}}, "'sweater' of 'top_type' is never drawn by the toy world"),
+    ({"weights": {"top_material": {"silk": 1}}}, "does not draw 'top_material'"),
+    ({"weights": {"top_color": {"red": -1}}}, "must be a finite number >= 0"),
+    ({"weights": {"wear_hat": {"yes": 0, "no": 0}}}, "every answer has weight 0"),
+    ({"exclude": {"top_color": "red"}}, "must be a list"),
+    ({"exclude": [{"bottoms_color": "navy"}]}, "'navy' of 'bottoms_color'"),
+])
+def test_sampling_validation_errors_name_the_field(kwargs, match):
+    with pytest.raises(SamplingError, match=match):
+        Sampling(**kwargs)
+
+
+def test_impossible_sampling_raises_a_clear_error():
+    s = Sampling(weights={"wear_dress": {"no": 0}}, exclude=[{"wear_dress": "yes"}], max_tries=5)
+    with pytest.raises(SamplingError, match="no person satisfies the sampling"):
+        render(0, 32, s)
