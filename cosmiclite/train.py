@@ -1,0 +1,1057 @@
+"""Daring training (CosmicMan, Sec. 4.3, Eq. 4): L = α·L_noise + β·L_HOLA, one loop on accelerate.
+
+One YAML config drives every run the kit makes:
+
+    stage: vae    the toy model's autoencoder, from scratch (MSE + kl_weight·KL), for a from-scratch base model;
+    stage: unet   the denoiser: from scratch (the toy base model: noise loss only, β = 0, full training),
+                  LoRA on the UNet attention projections (peft), or a full fine-tune, with HOLA (Eq. 3) when β > 0.
+
+The UNet step, for a batch of images x with captions c (input_ids), group spans [s_i, e_i) and masks h_i:
+
+    z_0 = E(x) · scaling,  ε ~ N(0, I),  t ~ p(t),  z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε                      (Eq. 1)
+    L_noise = ‖ε − ε_θ(z_t, t, τ(c))‖²   (or the v-target when the scheduler predicts v)
+    L_HOLA  = Eq. 3 on the cross-attention maps captured in that same forward (cosmiclite.attention)
+    L       = α·L_noise + β·L_HOLA                                                                  (Eq. 4)
+
+Captions are augmented as CosmicMan trains: the body group (which holds the shot phrase) first, the other
+groups shuffled, each dropped with a small probability (spans and masks follow the text), and the caption
+emptied for 10 % of samples (unconditional dropout, so classifier-free guidance works).
+
+Exact resume: the data of step k (which samples, their caption augmentation, the noise and timesteps) is a
+pure function of (seed, k, process index), so a run restarted from the checkpoint of step k replays steps
+k+1 … exactly; the trainable weights, optimizer, LR scheduler and the torch/numpy/python RNG states are
+saved by `accelerate.save_state`. Checkpoints are written atomically: into a temporary folder, fsync'ed,
+a COMPLETE marker written last, then renamed; a folder without the marker is never loaded.
+
+But: no EMA, no SNR weighting, no aspect-ratio buckets; validation renders images only (the notebooks draw
+the attention maps); DeepSpeed/FSDP save the full UNet state (LoRA runs save only the adapter).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .hola import HolaConfig, hola_terms
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "export_lora", "save_lora", "latest_checkpoint",
+           "Trainer", "TrainData", "main"]
+
+COMPLETE = "COMPLETE"              # marker file: a checkpoint folder is whole
+CKPT_PREFIX = "checkpoint-"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class ConfigError(ValueError):
+    """A training config the trainer refuses, raised before any training starts; names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- the config
+
+@dataclass
+class ModelSection:
+    """Which model to start from.
+
+    arch:       architecture built with random weights when `pretrained` is null (cosmiclite.models.ARCHITECTURES).
+    pretrained: null (random init of `arch`: the from-scratch toy base), "toy" (the kit's trained toy model),
+                or a diffusers pipeline folder / cached hub id / short name ("sd15", "sdxl", ...) for load_pipeline.
+    vae:        a folder holding a trained AutoencoderKL (what `stage: vae` writes to OUTPUT/vae), used instead.
+    init_seed:  seed of the random initialisation.
+    """
+    arch: str = "toy"
+    pretrained: str | None = "toy"
+    vae: str | None = None
+    init_seed: int = 0
+
+
+@dataclass
+class CaptionSection:
+    """Caption augmentation as CosmicMan trains (Sec. 4.2): body group first, the rest shuffled and dropped."""
+    shuffle_groups: bool = True
+    group_drop: float = 0.05      # each non-body group left out of the caption with this probability
+    uncond: float = 0.1           # the whole caption replaced by "" (classifier-free guidance dropout)
+
+
+@dataclass
+class DataSection:
+    """Where the images come from.
+
+    source:      "toy" (people drawn on the fly by cosmiclite.toyworld; masks exact) or "folder" (an imagefolder
+                 written by cosmiclite.data: images + metadata with answers, and parsing maps for masks).
+    path:        the folder for source=folder.
+    image_size:  pixels (toy: the render size; folder: images are resized to it).
+    num_samples: toy: how many distinct people (seeds first_seed … first_seed+num_samples−1); null = a new person
+                 for every sample. folder: ignored (all images).
+    latent_pool: encode every image once (mean and std of E(x)) and draw z_0 = mean + std·ε at each step
+                 instead of rendering and encoding (≈0.26 s/step saved on the toy model, DESIGN.md); needs a
+                 finite dataset (toy: num_samples).
+    mask_sizes:  mask sides to build (must include every HOLA resolution; null = the HOLA resolutions).
+    """
+    source: str = "toy"
+    path: str | None = None
+    image_size: int = 64
+    num_samples: int | None = None
+    first_seed: int = 0
+    latent_pool: bool = False
+    num_workers: int = 0
+    mask_sizes: list[int] | None = None
+    caption: CaptionSection = field(default_factory=CaptionSection)
+
+
+@dataclass
+class LoraSection:
+    """peft LoraConfig on the UNet's attention projections (null lora = full fine-tune)."""
+    rank: int = 4
+    alpha: float = 4.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    """AdamW (8-bit from bitsandbytes when asked and installed) and a diffusers LR schedule."""
+    lr: float = 1e-4
+    scale_lr: bool = False         # lr × batch_size × grad_accum × processes
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    use_8bit_adam: bool = False
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ValidationSection:
+    """Sample images every `every` steps (0 = never) from `prompts` into OUTPUT/validation/."""
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    steps: int = 25
+    guidance: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class RunSection:
+    """The loop itself."""
+    batch_size: int = 4                   # per process
+    grad_accum: int = 1
+    max_steps: int = 100                  # optimizer steps
+    mixed_precision: str = "no"           # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    timestep_gamma: float = 1.0           # t = ⌊T·u^γ⌋, u ~ U(0,1): γ < 1 puts more steps at high t (noisy)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tensorboard: bool = False
+    kl_weight: float = 1e-4               # stage vae: L = MSE + kl_weight · KL (KL averaged per latent element)
+    threads: int | None = None            # torch.set_num_threads on CPU (null: torch's default)
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Load with `load_config(path)`; every field has a default except what the run needs."""
+    stage: str = "unet"                   # unet | vae
+    seed: int = 0
+    output: str = "runs/train"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection | None = None       # null: full fine-tune of the UNet
+    hola: HolaConfig = field(default_factory=lambda: HolaConfig(beta=0.0))
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hola"] = self.hola.to_dict()
+        return d
+
+
+def _build(cls, d: Any, where: str):
+    """A dataclass from a mapping, refusing unknown keys (naming the full key path and the known ones)."""
+    if d is None:
+        return None
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(d).__name__} {d!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    kw = {}
+    for k, v in d.items():
+        sub = {"model": ModelSection, "data": DataSection, "caption": CaptionSection, "lora": LoraSection,
+               "optim": OptimSection, "run": RunSection, "validation": ValidationSection}.get(k)
+        if sub is not None and (cls is TrainConfig or (cls is DataSection and k == "caption")):
+            kw[k] = _build(sub, v, f"{where}.{k}")
+        elif cls is TrainConfig and k == "hola":
+            try:
+                kw[k] = HolaConfig.from_dict(v)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}.hola: {e}") from None
+        else:
+            kw[k] = v
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Every check that can fail before training starts (the loop itself should not fail on config)."""
+    if cfg.stage not in ("unet", "vae"):
+        raise ConfigError(f"stage={cfg.stage!r}: use 'unet' (the denoiser, Eq. 4) or 'vae' (the toy autoencoder)")
+    d, r = cfg.data, cfg.run
+    if d.source not in ("toy", "folder"):
+        raise ConfigError(f"data.source={d.source!r}: use 'toy' (drawn on the fly) or 'folder' (cosmiclite.data)")
+    if d.source == "folder":
+        if not d.path:
+            raise ConfigError("data.path is missing: data.source=folder needs the dataset folder "
+                              "(write one with `cosmiclite data` / cosmiclite.data)")
+        if not Path(d.path).expanduser().is_dir():
+            raise ConfigError(f"data.path={d.path!r} does not exist: point it at a dataset folder "
+                              "(write one with cosmiclite.data) or use data.source: toy")
+    for name, v in (("run.batch_size", r.batch_size), ("run.grad_accum", r.grad_accum), ("run.max_steps", r.max_steps),
+                    ("run.checkpoint_every", r.checkpoint_every), ("run.log_every", r.log_every),
+                    ("data.image_size", d.image_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name}={v!r}: must be a positive integer")
+    if d.latent_pool and d.source == "toy" and d.num_samples is None:
+        raise ConfigError("data.latent_pool: true encodes a finite set of images once: set data.num_samples "
+                          "(e.g. 20000) or data.latent_pool: false")
+    if d.num_samples is not None and (not isinstance(d.num_samples, int) or d.num_samples < 1):
+        raise ConfigError(f"data.num_samples={d.num_samples!r}: a positive integer, or null for endless toy people")
+    if r.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"run.mixed_precision={r.mixed_precision!r}: use no, fp16 or bf16")
+    if r.timestep_gamma <= 0:
+        raise ConfigError(f"run.timestep_gamma={r.timestep_gamma}: must be > 0 (1 = uniform timesteps)")
+    for name, p in (("data.caption.group_drop", d.caption.group_drop), ("data.caption.uncond", d.caption.uncond)):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"{name}={p}: a probability in [0, 1]")
+    if cfg.lora is not None:
+        if not isinstance(cfg.lora.rank, int) or cfg.lora.rank < 1:
+            raise ConfigError(f"lora.rank={cfg.lora.rank!r}: a LoRA needs rank >= 1 (e.g. 4); "
+                              "for a full fine-tune set `lora: null`")
+        if not cfg.lora.targets:
+            raise ConfigError("lora.targets is empty: name the UNet modules to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
+        if cfg.stage == "vae":
+            raise ConfigError("lora is set but stage=vae trains the whole autoencoder: set `lora: null`")
+    if cfg.hola.beta > 0:
+        if cfg.stage == "vae":
+            raise ConfigError("hola.beta > 0 with stage=vae: HOLA supervises UNet cross-attention; set hola.beta: 0")
+        if not _data_has_masks(d):
+            raise ConfigError(f"hola.beta={cfg.hola.beta} but the dataset at {d.path!r} has no parsing masks: "
+                              "HOLA (Eq. 3) needs a mask per group; set hola.beta: 0 or use a dataset with masks")
+        if isinstance(cfg.hola.resolutions, str) and cfg.hola.resolutions.startswith("1/"):
+            pass  # resolved against the image size and the captured maps at the first step
+        if d.mask_sizes is not None and isinstance(cfg.hola.resolutions, tuple):
+            missing = [s for s in cfg.hola.resolutions if s not in d.mask_sizes]
+            if missing:
+                raise ConfigError(f"data.mask_sizes={d.mask_sizes} lacks the HOLA resolutions {missing}")
+    if cfg.optim.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("optim.use_8bit_adam is true but bitsandbytes is not installed: "
+                              "`pip install bitsandbytes` (CUDA) or set optim.use_8bit_adam: false") from None
+    if cfg.stage == "vae" and cfg.model.pretrained is not None:
+        raise ConfigError("stage=vae trains an autoencoder from scratch: set model.pretrained: null")
+    from .models import ARCHITECTURES
+    if cfg.model.pretrained is None and cfg.model.arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch={cfg.model.arch!r}: use one of {sorted(ARCHITECTURES)}")
+    return cfg
+
+
+def _data_has_masks(d: DataSection) -> bool:
+    if d.source == "toy":
+        return True  # the toy world draws its parsing map with every person
+    meta = Path(d.path).expanduser() / "metadata.jsonl"
+    if not meta.is_file():
+        raise ConfigError(f"data.path={d.path!r} has no metadata.jsonl: not a dataset folder written by cosmiclite.data "
+                          "(make one with `cosmiclite toyworld --n 1000 --out DIR`)")
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return bool(rows) and all(r.get("parsing_file_name") for r in rows)
+
+
+def load_config(path: str | Path | Mapping, **overrides) -> TrainConfig:
+    """Read a YAML config (or a dict), apply dotted overrides (`run.max_steps=5`), validate. Raises ConfigError."""
+    import yaml
+    if isinstance(path, Mapping):
+        raw = dict(path)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (presets live in configs/, e.g. configs/toy_lora.yaml)")
+        raw = yaml.safe_load(p.read_text()) or {}
+    raw = json.loads(json.dumps(raw))  # a deep copy
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {}) if node.get(k) is not None else node.setdefault(k, {}) or {}
+        node[last] = value
+    return validate(_build(TrainConfig, raw, "config"))
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed from (run seed, sample position, purpose): what makes resume and data parallelism exact.
+
+    Every random draw of a training sample (which person, caption augmentation, z_0 ~ q(z|x), ε, t, the HOLA
+    drop) is keyed by the sample's global position in the run, never by a process's RNG stream: so a resumed
+    run replays the same draws, and 2 processes × batch b draw exactly what 1 process × batch 2b draws.
+    """
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 | int(state[1])) & (2 ** 63 - 1)
+
+
+# purposes of the per-sample draws
+_PICK, _CAPTION, _LATENT, _NOISE, _TIME, _DROP = range(1, 7)
+
+
+def per_sample_randn(seed: int, pos: torch.Tensor, purpose: int, shape: Sequence[int]) -> torch.Tensor:
+    """(B, *shape) standard normals, row b drawn from its own generator keyed by pos[b]."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(sample_seed(seed, int(p), purpose)))
+                        for p in pos])
+
+
+def per_sample_rand(seed: int, pos: torch.Tensor, purpose: int) -> torch.Tensor:
+    """(B,) uniforms in [0, 1), one per sample, keyed by its position."""
+    return torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(seed, int(p), purpose)))
+                      for p in pos])
+
+
+def sample_timesteps(u: torch.Tensor, num_train_timesteps: int, gamma: float) -> torch.Tensor:
+    """t = ⌊T·u^γ⌋ for uniforms u: uniform for γ = 1; γ < 1 gives the noisy steps, where prompts matter, more weight."""
+    return (num_train_timesteps * u.pow(gamma)).long().clamp_(0, num_train_timesteps - 1)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (step, folder), oldest first; folders without the COMPLETE marker are ignored."""
+    out = []
+    for p in Path(output, "checkpoints").glob(CKPT_PREFIX + "*"):
+        marker = p / COMPLETE
+        if p.is_dir() and marker.is_file():
+            try:
+                out.append((int(json.loads(marker.read_text())["step"]), p))
+            except (ValueError, KeyError, json.JSONDecodeError):
+                continue  # a damaged marker: not a checkpoint we trust
+    return sorted(out)
+
+
+def latest_checkpoint(output: str | Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    cps = list_checkpoints(Path(output))
+    return cps[-1] if cps else None
+
+
+# ----------------------------------------------------------------------------------------------- the trainer
+
+def _text_embeddings(components: dict, input_ids: torch.Tensor, image_size: int, device, dtype):
+    """τ(c): SD's last hidden state, or SDXL's two penultimate states concatenated plus pooled/time conditioning."""
+    ids = input_ids.to(device)
+    if "text_encoder_2" not in components:
+        return components["text_encoder"](ids)[0].to(dtype), None
+    tok2 = components["tokenizer_2"]
+    # Both SDXL tokenizers share the BPE; only the padding after the end token differs ("!" = id 0).
+    eos = components["tokenizer"].eos_token_id
+    after_end = (ids == eos).int().cumsum(1) > 1
+    ids2 = ids.masked_fill(after_end, tok2.pad_token_id)
+    h1 = components["text_encoder"](ids, output_hidden_states=True).hidden_states[-2]
+    o2 = components["text_encoder_2"](ids2, output_hidden_states=True)
+    states = torch.cat([h1, o2.hidden_states[-2]], dim=-1).to(dtype)
+    time_ids = torch.tensor([image_size, image_size, 0, 0, image_size, image_size], device=device, dtype=dtype)
+    added = {"text_embeds": o2.text_embeds.to(dtype), "time_ids": time_ids.repeat(ids.shape[0], 1)}
+    return states, added
+
+
+class Trainer:
+    """One training run: models, data, optimizer, the loop, checkpoints and outputs (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, output: str | Path | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.output = Path(output or cfg.output)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.acc = Accelerator(mixed_precision=cfg.run.mixed_precision,
+                               project_config=ProjectConfiguration(project_dir=str(self.output)),
+                               log_with="tensorboard" if cfg.run.tensorboard else None)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if cfg.stage == "vae" and self.world > 1:
+            raise ConfigError("stage=vae runs on one process (the toy autoencoder is small): launch it without "
+                              "accelerate/torchrun multi-process")
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.run.mixed_precision, torch.float32)
+        self.components = self._load_components()
+        self.image_size = cfg.data.image_size
+        self.data = TrainData(cfg, self.components, rank=self.rank, world=self.world)
+        self.model = self._prepare_trainable()
+        self.optimizer, self.lr_scheduler = self._optimizer()
+        self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        self.store = None
+        self._capture = None
+        if cfg.stage == "unet" and cfg.hola.beta > 0:
+            from .attention import capture_cross_attention
+            res = cfg.hola.sides(self._captured_sides(), self.image_size)
+            self._capture = capture_cross_attention(self.acc.unwrap_model(self.model), "training", resolutions=res,
+                                                    head_mean=cfg.hola.heads == "mean")
+            self.store = self._capture.__enter__()
+        self.step = 0
+
+    # ---- models
+    def _load_components(self) -> dict:
+        from . import models
+        m = self.cfg.model
+        if self.cfg.stage == "vae":
+            return {"vae": models.build_vae(m.arch, m.init_seed)}
+        if m.pretrained is None:
+            comps = models.build_components(m.arch, m.init_seed)
+        elif m.pretrained == "toy":
+            comps = dict(models.load_toy_pipeline().components)
+        else:
+            comps = dict(models.load_pipeline(m.pretrained).components)
+        if m.vae is not None:
+            from diffusers import AutoencoderKL
+            vae_dir = Path(m.vae).expanduser()
+            if not (vae_dir / "config.json").is_file():
+                raise ConfigError(f"model.vae={m.vae!r} holds no AutoencoderKL (config.json missing): train one "
+                                  "with a `stage: vae` config first (it writes OUTPUT/vae)")
+            comps["vae"] = AutoencoderKL.from_pretrained(vae_dir)
+        comps = {k: v for k, v in comps.items() if v is not None}
+        dev = self.acc.device
+        for k in ("vae", "text_encoder", "text_encoder_2"):
+            if k in comps:
+                comps[k].requires_grad_(False).eval().to(dev)
+                if self.weight_dtype != torch.float32 and not (k == "vae" and dev.type == "cpu"):
+                    comps[k].to(dtype=self.weight_dtype)
+        self.noise_scheduler = models.training_scheduler(comps["scheduler"])
+        return comps
+
+    def _captured_sides(self) -> list[int]:
+        """Map sides of the UNet's cross-attention layers at this image size (one dry shape walk, no forward)."""
+        unet = self.components["unet"]
+        latent = self.image_size // 2 ** (len(self.components["vae"].config.block_out_channels) - 1)
+        sides, s = [], latent
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sides.append(s)
+            if block.downsamplers is not None:
+                s = math.ceil(s / 2)
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sides.append(s)
+        return sorted(set(sides))
+
+    def _prepare_trainable(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.stage == "vae":
+            vae = self.components["vae"].to(self.acc.device)
+            vae.requires_grad_(True).train()
+            return vae
+        unet = self.components["unet"]
+        if cfg.lora is not None:
+            from peft import LoraConfig
+            unet.requires_grad_(False).to(self.acc.device)
+            if self.weight_dtype != torch.float32:   # the frozen base in half precision, the adapter in fp32
+                unet.to(dtype=self.weight_dtype)
+            unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                        init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
+            for p in unet.parameters():      # trainable LoRA weights stay in fp32 under fp16/bf16
+                if p.requires_grad:
+                    p.data = p.data.float()
+            if not any(p.requires_grad for p in unet.parameters()):
+                raise ConfigError(f"lora.targets={cfg.lora.targets} matched no UNet module: use attention "
+                                  "projection names such as to_q, to_k, to_v, to_out.0")
+        else:
+            unet.requires_grad_(True).to(self.acc.device)
+        unet.train()
+        if cfg.run.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet
+
+    def _optimizer(self):
+        from diffusers.optimization import get_scheduler
+        o, r = self.cfg.optim, self.cfg.run
+        lr = o.lr * (r.batch_size * r.grad_accum * self.world if o.scale_lr else 1)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.use_8bit_adam:
+            import bitsandbytes as bnb
+            opt_cls = bnb.optim.AdamW8bit
+        else:
+            opt_cls = torch.optim.AdamW
+        opt = opt_cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        # accelerate steps a prepared scheduler once per process per optimizer step: scale the counts
+        sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps * self.world,
+                              num_training_steps=r.max_steps * self.world)
+        return opt, sched
+
+    # ---- checkpoints
+    def _register_lora_hooks(self) -> None:
+        """LoRA runs save/load only the trainable adapter weights in checkpoints (not the frozen base UNet)."""
+        from safetensors.torch import load_file, save_file
+
+        def save_hook(models, weights, out_dir):
+            for i, m in enumerate(models):
+                state = {n: p.detach().cpu().contiguous() for n, p in self.acc.unwrap_model(m).named_parameters()
+                         if p.requires_grad}
+                if self.acc.is_main_process:
+                    save_file(state, str(Path(out_dir, f"trainable_{i}.safetensors")))
+            weights.clear()
+
+        def load_hook(models, in_dir):
+            for i in range(len(models)):
+                m = self.acc.unwrap_model(models[i])
+                state = load_file(str(Path(in_dir, f"trainable_{i}.safetensors")))
+                params = dict(m.named_parameters())
+                missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+                if missing:
+                    raise RuntimeError(f"checkpoint {in_dir} lacks trainable weights {missing[:3]}…: "
+                                       "was it written by a run with another lora config?")
+                with torch.no_grad():
+                    for n, t in state.items():
+                        params[n].copy_(t)
+            models.clear()
+
+        self.acc.register_save_state_pre_hook(save_hook)
+        self.acc.register_load_state_pre_hook(load_hook)
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: write into checkpoints/.tmp-checkpoint-N, fsync, COMPLETE marker, rename; prune old ones."""
+        root = self.output / "checkpoints"
+        final = root / f"{CKPT_PREFIX}{self.step}"
+        tmp = root / f".tmp-{CKPT_PREFIX}{self.step}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), safe_serialization=True)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.cfg.to_dict()}))
+            _fsync_tree(tmp)
+            (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
+            _fsync_tree(tmp)
+            if final.exists():               # e.g. a run restarted from an older checkpoint
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fd = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for _, old in list_checkpoints(self.output)[:-max(self.cfg.run.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint (partial temp folders are removed, never read). Returns its step."""
+        if self.acc.is_main_process:
+            for junk in Path(self.output, "checkpoints").glob(f".tmp-{CKPT_PREFIX}*"):
+                shutil.rmtree(junk, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        found = latest_checkpoint(self.output)
+        if found is None:
+            return 0
+        self.step, folder = found
+        self.acc.load_state(str(folder))
+        return self.step
+
+    # ---- losses
+    def unet_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Eq. 4 on one micro-batch."""
+        cfg, dev, pos = self.cfg, self.acc.device, batch["pos"]
+        z0 = self.data.latents(batch).to(dev, torch.float32)
+        noise = per_sample_randn(cfg.seed, pos, _NOISE, z0.shape[1:]).to(dev)
+        t = sample_timesteps(per_sample_rand(cfg.seed, pos, _TIME), self.noise_scheduler.config.num_train_timesteps,
+                             cfg.run.timestep_gamma).to(dev)
+        zt = self.noise_scheduler.add_noise(z0, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        with torch.no_grad():
+            states, added = _text_embeddings(self.components, batch["input_ids"], self.image_size, dev, self.weight_dtype)
+        with self.acc.autocast():
+            pred = self.model(zt.to(self.weight_dtype) if self.cfg.lora is not None else zt, t, states,
+                              added_cond_kwargs=added).sample
+        noise_loss = F.mse_loss(pred.float(), target.float())
+        out = {"noise_loss": noise_loss}
+        loss = cfg.hola.alpha * noise_loss
+        if self.store is not None:
+            keep = per_sample_rand(cfg.seed, pos, _DROP) >= cfg.hola.drop_prob    # CosmicMan drops 10 %
+            terms = hola_terms(self.store.maps(), batch["spans"], {k: v.to(dev) for k, v in batch["masks"].items()},
+                               batch["present"], cfg.hola, image_size=self.image_size, keep=keep)
+            loss = loss + cfg.hola.beta * terms.loss
+            out["hola_loss"] = terms.loss
+        out["loss"] = loss
+        return out
+
+    def vae_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The toy autoencoder: L = MSE(D(z), x) + kl_weight · KL(q(z|x) ‖ N(0, I)), z ~ q(z|x)."""
+        x = batch["pixel_values"].to(self.acc.device, torch.float32)
+        vae = self.acc.unwrap_model(self.model)
+        with self.acc.autocast():
+            post = vae.encode(x).latent_dist
+            eps = per_sample_randn(self.cfg.seed, batch["pos"], _LATENT, post.mean.shape[1:]).to(x.device)
+            rec = vae.decode(post.mean + post.std * eps).sample
+        mse = F.mse_loss(rec.float(), x)
+        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1 - post.logvar.float()).mean()
+        psnr = 10 * torch.log10(4.0 / mse.detach())      # images in [-1, 1]: peak-to-peak 2
+        return {"loss": mse + self.cfg.run.kl_weight * kl, "mse": mse, "kl": kl, "psnr": psnr}
+
+    # ---- the loop
+    def run(self, max_steps: int | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
+        cfg = self.cfg
+        total = max_steps or cfg.run.max_steps
+        if cfg.lora is not None:
+            self._register_lora_hooks()
+        if resume:
+            self.resume()
+        elif self.acc.is_main_process and latest_checkpoint(self.output) is not None:
+            raise FileExistsError(f"{self.output} already holds checkpoints: pass --resume to continue that run, "
+                                  "or choose another --output")
+        self._write_config()
+        if cfg.run.tensorboard:
+            self.acc.init_trackers("cosmiclite", config={"stage": cfg.stage})
+        log = _CsvLog(self.output / "log.csv", self.acc.is_main_process, append=resume)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.stage}", disable=not self.acc.is_local_main_process)
+        loss_fn = self.vae_loss if cfg.stage == "vae" else self.unet_loss
+        self.data.prepare(self)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t_last, n_last, last = time.perf_counter(), self.step, {}
+        while self.step < total:
+            acc_logs: dict[str, float] = {}
+            for micro in range(cfg.run.grad_accum):
+                batch = self.data.batch(self.step * cfg.run.grad_accum + micro)
+                sync = micro == cfg.run.grad_accum - 1
+                ctx = self.acc.no_sync(self.model) if not sync else _nullcontext()
+                with ctx:
+                    out = loss_fn(batch)
+                    self.acc.backward(out["loss"] / cfg.run.grad_accum)
+                for k, v in out.items():
+                    acc_logs[k] = acc_logs.get(k, 0.0) + float(v.detach()) / cfg.run.grad_accum
+            if cfg.optim.max_grad_norm:
+                self.acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in acc_logs.items()})
+            if self.step % cfg.run.log_every == 0 or self.step == total:
+                now = time.perf_counter()
+                s_per_step = (now - t_last) / max(self.step - n_last, 1)
+                t_last, n_last = now, self.step
+                row = {"step": self.step, **{k: round(v, 6) for k, v in acc_logs.items()},
+                       "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": round(s_per_step, 4),
+                       "images_per_s": round(cfg.run.batch_size * cfg.run.grad_accum * self.world / s_per_step, 3)}
+                log.write(row)
+                if cfg.run.tensorboard:
+                    self.acc.log(row, step=self.step)
+                last = row
+            if self.step % cfg.run.checkpoint_every == 0 or self.step == total:
+                self.save_checkpoint()
+            if cfg.validation.every and self.step % cfg.validation.every == 0 and cfg.stage == "unet":
+                self.validate()
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        self.save_outputs()
+        self.acc.end_training()
+        return {"step": self.step, "output": str(self.output), **last}
+
+    # ---- outputs
+    def _write_config(self) -> None:
+        if self.acc.is_main_process:
+            import yaml
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def save_outputs(self) -> None:
+        """OUTPUT/vae (stage vae), OUTPUT/lora (diffusers LoRA) or OUTPUT/pipeline (full UNet in a whole pipeline)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        model = self.acc.unwrap_model(self.model)
+        if self.cfg.stage == "vae":
+            info = self.data.calibrate_vae_scaling(model, self.acc.device)
+            model.save_pretrained(self.output / "vae", safe_serialization=True)
+            (self.output / "vae" / "eval.json").write_text(json.dumps(info, indent=2))
+        elif self.cfg.lora is not None:
+            save_lora(model, self.output / "lora", self.cfg.lora, sdxl="text_encoder_2" in self.components)
+        else:
+            from .models import save_pipeline
+            comps = dict(self.components)
+            comps["unet"] = model
+            save_pipeline({k: v for k, v in comps.items()}, self.output / "pipeline")
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Images for the validation prompts with the current weights: OUTPUT/validation/step-N.png."""
+        v = self.cfg.validation
+        if not v.prompts or not self.acc.is_main_process:
+            return None
+        from PIL import Image
+        from .models import pipeline_from_components
+        comps = dict(self.components)
+        comps["unet"] = self.acc.unwrap_model(self.model)
+        pipe = pipeline_from_components(comps)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = comps["unet"].training
+        comps["unet"].eval()
+        ctx = self._capture_paused()
+        with ctx:
+            imgs = pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance,
+                        height=self.image_size, width=self.image_size, output_type="np",
+                        generator=torch.Generator().manual_seed(v.seed)).images
+        comps["unet"].train(was_training)
+        grid = np.concatenate([(im * 255).round().astype(np.uint8) for im in imgs], axis=1)
+        path = self.output / "validation" / f"step-{self.step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        return path
+
+    def _capture_paused(self):
+        """Sampling with CFG doubles the batch: the training capture records nothing useful there, so pause it."""
+        store = self.store
+
+        class _Pause:
+            def __enter__(s):
+                if store is not None:
+                    s.res, store.resolutions = store.resolutions, ()
+
+            def __exit__(s, *a):
+                if store is not None:
+                    store.resolutions = s.res
+        return _Pause()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _CsvLog:
+    """log.csv: one row per logged step (columns fixed by the first row)."""
+
+    def __init__(self, path: Path, active: bool, append: bool):
+        self.path, self.active = path, active
+        self.fields: list[str] | None = None
+        if active and append and path.is_file():
+            with open(path) as f:
+                self.fields = next(csv.reader(f), None)
+        elif active and path.exists():
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+# ----------------------------------------------------------------------------------------------- the data
+
+class TrainData:
+    """What each step reads: samples picked by position, captions augmented, masks and latents (see `batch`).
+
+    Sample positions: micro-step k of process r holds the global positions k·B·W + r·B + i (B per-process batch,
+    W processes). A finite dataset of N items is walked in a fresh seeded permutation every epoch; the endless
+    toy world gives position p the person of seed first_seed + p.
+    """
+
+    def __init__(self, cfg: TrainConfig, components: dict, rank: int = 0, world: int = 1):
+        from .protocol import load_protocol
+        self.cfg, self.d, self.rank, self.world = cfg, cfg.data, rank, world
+        self.size = cfg.data.image_size
+        self.protocol = load_protocol()
+        self.body = [g.name for g in self.protocol.groups if g.level == "body"]
+        self.names = [g.name for g in self.protocol.groups if g.atr_labels]   # the G mask groups (masks.mask_set order)
+        self.tokenizer = components.get("tokenizer")
+        self.vae = components.get("vae") if cfg.stage == "unet" else None
+        self.need_masks = cfg.stage == "unet" and cfg.hola.beta > 0
+        self.mask_sizes: tuple[int, ...] = tuple(cfg.data.mask_sizes or ())
+        self.folder = None
+        if self.d.source == "folder":
+            from .data import read_imagefolder
+            self.folder, report = read_imagefolder(Path(self.d.path).expanduser())
+            if not self.folder:
+                raise ConfigError(f"data.path={self.d.path!r}: no usable sample ({report})")
+            self.n: int | None = len(self.folder)
+        else:
+            self.n = self.d.num_samples
+        self._perms: dict[int, np.ndarray] = {}
+        self.pool: dict[str, Any] | None = None
+        self._empty_ids: list[int] | None = None
+
+    # ---- which item each position reads
+    def positions(self, micro_step: int) -> torch.Tensor:
+        B = self.cfg.run.batch_size
+        start = micro_step * B * self.world + self.rank * B
+        return torch.arange(start, start + B)
+
+    def index(self, pos: int) -> int:
+        if self.n is None:
+            return self.d.first_seed + pos
+        epoch, k = divmod(pos, self.n)
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng(sample_seed(self.cfg.seed, epoch, _PICK)).permutation(self.n)
+        return int(self._perms[epoch][k])
+
+    # ---- one item's raw material
+    def _raw(self, idx: int) -> tuple[np.ndarray, Any, tuple[np.ndarray, str] | None]:
+        """(image uint8 HxWx3, annotation (or caption text), (parsing HxW, label set) or None) of item idx."""
+        if self.folder is not None:
+            r = self.folder[idx]
+            image, parsing = r.image, r.parsing
+            if image.shape[:2] != (self.size, self.size):       # resize to the training size
+                from PIL import Image
+                image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
+                if parsing is not None:
+                    parsing = np.asarray(Image.fromarray(parsing).resize((self.size, self.size), Image.NEAREST))
+            has_answers = r.annotation is not None and bool(r.annotation.answers)
+            return image, (r.annotation if has_answers else (r.caption or "")), \
+                (parsing, r.label_set) if parsing is not None else None
+        from .toyworld import render
+        person = render(self.d.first_seed + idx if self.n is not None else idx, size=self.size)
+        return person.image, person.annotation, (person.parsing, "atr")
+
+    def caption_ids(self, annotation, pos: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Augmented caption -> (77 input_ids, spans of the G mask groups) (Sec. 4.2 + CosmicMan's augmentation)."""
+        from .captions import compose
+        from .discretize import discretize, discretize_text
+        cap = self.d.caption
+        rng = random.Random(sample_seed(self.cfg.seed, pos, _CAPTION))
+        if rng.random() < cap.uncond:    # unconditional dropout: the empty caption, no group
+            if self._empty_ids is None:
+                self._empty_ids = list(self.tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids)
+            return self._empty_ids, [(-1, -1)] * len(self.names)
+        if isinstance(annotation, str):  # a caption without answers: no augmentation, free-text spans
+            d = discretize_text(annotation, self.tokenizer)
+            return list(d.input_ids), d.spans(self.names)
+        rest = [g.name for g in self.protocol.groups if g.name not in self.body]
+        if cap.shuffle_groups:
+            rng.shuffle(rest)
+        drop = [g for g in rest if rng.random() < cap.group_drop]
+        d = discretize(compose(annotation, self.protocol, group_order=self.body + rest, drop=drop), self.tokenizer)
+        return list(d.input_ids), d.spans(self.names)
+
+    def _masks(self, parsings: Sequence[tuple[np.ndarray, str] | None]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        from .masks import mask_set
+        blank = (np.zeros((self.size, self.size), np.uint8), "atr")   # no parsing map: every group absent
+        sets = [mask_set(p, label_set, sizes=self.mask_sizes) for p, label_set in (q or blank for q in parsings)]
+        if list(sets[0].names) != self.names:
+            raise RuntimeError(f"masks.mask_set groups {list(sets[0].names)} differ from the protocol's mask groups "
+                               f"{self.names}")
+        masks = {s: torch.stack([m.masks[s] for m in sets]).float() for s in self.mask_sizes}
+        return masks, torch.stack([torch.as_tensor(m.present, dtype=torch.bool) for m in sets])
+
+    @staticmethod
+    def _pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+        return x / 127.5 - 1.0
+
+    # ---- set-up: mask sizes and the latent pool
+    def prepare(self, trainer: "Trainer") -> None:
+        if self.need_masks and not self.mask_sizes:
+            self.mask_sizes = tuple(trainer.store.resolutions)
+        if self.d.latent_pool and self.pool is None and self.cfg.stage == "unet":
+            self.pool = self._encode_pool(trainer.acc.device, trainer.acc.is_local_main_process)
+
+    @torch.no_grad()
+    def _encode_pool(self, device, show: bool) -> dict[str, Any]:
+        """Encode all N items once: q(z|x) mean and std (scaled), annotations, parsing maps (if HOLA needs them)."""
+        from tqdm.auto import tqdm
+        means, stds, anns, pars = [], [], [], []
+        chunk = 256
+        for start in tqdm(range(0, self.n, chunk), desc="encoding latent pool", disable=not show):
+            raws = [self._raw(i) for i in range(start, min(start + chunk, self.n))]
+            post = self.vae.encode(self._pixels([r[0] for r in raws]).to(device, self.vae.dtype)).latent_dist
+            means.append(post.mean.float().cpu())
+            stds.append(post.std.float().cpu())
+            anns += [r[1] for r in raws]
+            if self.need_masks:
+                pars += [r[2] for r in raws]
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "annotation": anns,
+                "parsing": pars if self.need_masks else None}
+
+    # ---- a batch
+    def batch(self, micro_step: int) -> dict[str, Any]:
+        """pos (B,), input_ids (B,77), spans (B,G,2), and pixel_values or pool rows; masks/present when HOLA is on."""
+        pos = self.positions(micro_step)
+        idx = [self.index(int(p)) for p in pos]
+        out: dict[str, Any] = {"pos": pos}
+        if self.pool is not None:
+            anns = [self.pool["annotation"][i] for i in idx]
+            parsings = [self.pool["parsing"][i] for i in idx] if self.need_masks else None
+            out["pool_index"] = torch.tensor(idx)
+        else:
+            raws = [self._raw(i) for i in idx]
+            anns, parsings = [r[1] for r in raws], [r[2] for r in raws]
+            out["pixel_values"] = self._pixels([r[0] for r in raws])
+        if self.cfg.stage == "unet":
+            ids, spans = zip(*(self.caption_ids(a, int(p)) for a, p in zip(anns, pos)))
+            out["input_ids"] = torch.tensor(ids)
+            out["spans"] = torch.tensor(spans).reshape(len(idx), len(self.names), 2)
+        if self.need_masks:
+            out["masks"], out["present"] = self._masks(parsings)
+        return out
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """z_0 = scaling · (mean + std·ε) with ε keyed by sample position (from the pool, or encoding the pixels)."""
+        sf = self.vae.config.scaling_factor
+        if "pool_index" in batch:
+            mean, std = self.pool["mean"][batch["pool_index"]], self.pool["std"][batch["pool_index"]]
+        else:
+            with torch.no_grad():
+                post = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist
+            mean, std = post.mean.float().cpu(), post.std.float().cpu()
+        eps = per_sample_randn(self.cfg.seed, batch["pos"], _LATENT, mean.shape[1:])
+        return sf * (mean + std * eps)
+
+    @torch.no_grad()
+    def calibrate_vae_scaling(self, vae, device, n: int = 512) -> dict[str, float]:
+        """Set the VAE's scaling_factor to 1/std of its latents (SD's convention: unit-variance z_0), and measure
+        the held-out reconstruction PSNR (people from seeds never trained on). Returns both."""
+        from .toyworld import render
+        if self.folder is not None:
+            imgs = [self.folder[i].image for i in range(min(n, len(self.folder)))]
+        else:
+            imgs = [render(10 ** 9 + i, size=self.size).image for i in range(n)]
+        x = self._pixels(imgs).to(device)
+        vae.eval()
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean).sample.clamp(-1, 1)
+        mse = F.mse_loss(rec.float(), x).item()
+        scaling = 1.0 / post.mean.float().std().item()
+        vae.register_to_config(scaling_factor=scaling)
+        return {"scaling_factor": scaling, "heldout_psnr_db": 10 * math.log10(4.0 / mse), "heldout_images": len(imgs)}
+
+
+# ----------------------------------------------------------------------------------------------- LoRA files
+
+def save_lora(unet, folder: str | Path, lora: LoraSection, sdxl: bool = False) -> Path:
+    """The UNet's LoRA in diffusers' format: `StableDiffusion(XL)Pipeline.load_lora_weights(folder)` reads it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    meta = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.targets)}
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    folder = Path(folder)
+    cls.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=meta, safe_serialization=True)
+    return folder
+
+
+def export_lora(lora_dir: str | Path, out: str | Path, format: str = "kohya") -> Path:
+    """Convert a diffusers-format LoRA folder to the kohya format AUTOMATIC1111/ComfyUI read (diffusers' converters).
+
+    diffusers -> PEFT (convert_state_dict_to_peft) -> kohya (convert_state_dict_to_kohya). The kohya `alpha`
+    entries are set from the adapter's own lora_alpha (the converter writes alpha = rank, i.e. scale 1).
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    if format != "kohya":
+        raise ValueError(f"format={format!r}: only 'kohya' is supported (diffusers' own format is the input)")
+    src = Path(lora_dir)
+    src = src / LORA_WEIGHTS if src.is_dir() else src
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no LoRA weights there; pass the folder a training run wrote (OUTPUT/lora)")
+    with safe_open(str(src), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    kohya = convert_state_dict_to_kohya(convert_state_dict_to_peft(state))
+    alpha = None
+    raw_meta = meta.get("lora_adapter_metadata")
+    if raw_meta:
+        info = json.loads(raw_meta)
+        info = info.get("unet", info) if isinstance(info, dict) else {}
+        alpha = info.get("lora_alpha")
+    if alpha is not None:
+        for k in kohya:
+            if k.endswith(".alpha"):
+                kohya[k] = torch.tensor(float(alpha))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out), metadata={"format": "pt"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+def train(config: str | Path | TrainConfig | Mapping, max_steps: int | None = None, output: str | Path | None = None,
+          resume: bool = False, **overrides) -> dict:
+    """Run one training config (see the module docstring); returns the last logged row (step, losses, s/step)."""
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, **overrides)
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps={max_steps}: must be >= 1")
+    trainer = Trainer(cfg, output)
+    return trainer.run(max_steps=max_steps, resume=resume)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import yaml
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set run.batch_size=8")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    result = train(args.config, max_steps=args.max_steps, output=args.output, resume=args.resume, **overrides)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cosmiclite.train --config FILE ...` = `cosmiclite train ...` (so `accelerate launch -m
+    cosmiclite.train` and `torchrun -m cosmiclite.train` work)."""
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
