@@ -175,6 +175,7 @@ class Lexicon:
         self.longest: dict[str, int] = {}
         for k in self.entries:
             self.longest[k[0]] = max(self.longest.get(k[0], 0), len(k))
+        self._clauses: dict[tuple[str, ...], tuple[str | None, ...]] = {}  # clause words -> their groups
 
     def lookup(self, words: Sequence[str]) -> _Entry | None:
         """The entry for a word sequence, e.g. ("oxford", "shoes") -> head of group shoes."""
@@ -182,34 +183,61 @@ class Lexicon:
 
     def segments(self, text: str) -> list[tuple[str, int, int]]:
         """(group, start char, end char) of each run of words about one group, in text order."""
-        words, starts, ends, clause = [], [], [], []
-        c = 0
-        for m in _TOKEN.finditer(text):  # one pass: words, and the punctuation between them
-            if m.lastindex == 2:
-                c += 1
+        words, starts, ends = [], [], []
+        clauses = [0]  # index of the first word of each clause (punctuation starts a new one)
+        for m in _TOKEN.finditer(text):
+            w = m.group(1)
+            if w is None:
+                if clauses[-1] != len(words):
+                    clauses.append(len(words))
                 continue
-            words.append(m.group().lower())
+            words.append(w.lower())
             starts.append(m.start())
             ends.append(m.end())
-            clause.append(c)
+        clauses.append(len(words))
+        group: list[str | None] = []
+        cache = self._clauses
+        for a, b in zip(clauses, clauses[1:]):
+            key = tuple(words[a:b])
+            g = cache.get(key)
+            if g is None:
+                if len(cache) > 200_000:  # bounded memory on endless distinct text
+                    cache.clear()
+                g = cache[key] = self.clause_groups(key)
+            group += g
+        # runs of one group (unassigned words inside a run belong to it), across clauses
+        out: list[tuple[str, int, int]] = []
+        for i, g in enumerate(group):
+            if g is None:
+                continue
+            if out and out[-1][0] == g:
+                out[-1] = (g, out[-1][1], ends[i])
+            else:
+                out.append((g, starts[i], ends[i]))
+        return out
+
+    def clause_groups(self, words: Sequence[str]) -> tuple[str | None, ...]:
+        """The group of each word of one clause (lower-case words between two punctuation marks).
+
+        Everything here stays inside the clause, so `segments` caches it per distinct clause.
+        """
         n = len(words)
-        # 1. longest match first, never across punctuation
+        # 1. longest match first
         matches: list[tuple[int, int, _Entry]] = []
         entries, longest = self.entries, self.longest
         i = 0
         while i < n:
             k = min(longest.get(words[i], 0), n - i)
             while k:
-                if clause[i + k - 1] == clause[i]:
-                    e = entries.get(tuple(words[i:i + k]))
-                    if e is not None:
-                        matches.append((i, i + k, e))
-                        break
+                e = entries.get(tuple(words[i:i + k]))
+                if e is not None:
+                    matches.append((i, i + k, e))
+                    break
                 k -= 1
             i += k or 1
         # 2. a head names its group; an attribute goes with the head it stands before ("red ... hair",
-        #    reached over other attributes, "and"/"or" and unknown words, not over "a", "with", "by" or
-        #    punctuation), else its only group, else the previous head of its clause ("hair, red")
+        #    reached over other attributes, "and"/"or" and unknown words, not over "a", "with", "by"),
+        #    else its only group, else the previous head of the clause ("hair, red")
         match_at: list[_Entry | None] = [None] * n
         for a, b, e in matches:
             for k in range(a, b):
@@ -217,8 +245,6 @@ class Lexicon:
         nxt: list[str | None] = [None] * n
         following = None
         for i in range(n - 1, -1, -1):
-            if i == n - 1 or clause[i] != clause[i + 1]:
-                following = None
             e = match_at[i]
             if e is None and words[i] in _STOP and words[i] not in ("and", "or"):
                 following = None
@@ -226,10 +252,8 @@ class Lexicon:
             if e is not None and e.head:
                 following = e.groups[0]
         group: list[str | None] = [None] * n
-        previous, cl = None, None
+        previous = None
         for a, b, e in matches:
-            if clause[a] != cl:
-                previous, cl = None, clause[a]
             if e.head:
                 g = e.groups[0] if len(e.groups) == 1 else (previous if previous in e.groups else
                                                             nxt[a] if nxt[a] in e.groups else e.groups[0])
@@ -242,21 +266,10 @@ class Lexicon:
         for i in range(n - 1, 0, -1):
             if group[i] is not None and group[i - 1] is None:
                 for k in (i - 1, i - 2):
-                    if (k < 0 or group[k] is not None or words[k] in _STOP or clause[k] != clause[i]
-                            or words[k] in longest):
+                    if k < 0 or group[k] is not None or words[k] in _STOP or words[k] in longest:
                         break
                     group[k] = group[i]
-        # 4. runs of one group (unassigned words inside a run belong to it)
-        out: list[tuple[str, int, int]] = []
-        for i, g in enumerate(group):
-            if g is None:
-                continue
-            if out and out[-1][0] == g:
-                out[-1] = (g, out[-1][1], ends[i])
-            else:
-                out.append((g, starts[i], ends[i]))
-        return out
-
+        return tuple(group)
 
 
 # --- the discretizer ---------------------------------------------------------------------------------------
@@ -469,9 +482,16 @@ def _split_phrases(segment: str) -> list[str]:
     return [p for p in re.split(r"\s*[,;]\s*", segment) if p]
 
 
-@lru_cache(maxsize=8)
 def discretizer(tokenizer=None) -> Discretizer:
     """The shared Discretizer of a tokenizer (the built-in CLIP tokenizer when None), built once."""
+    if tokenizer is None:
+        from .tokenizer import clip_tokenizer
+        tokenizer = clip_tokenizer()
+    return _shared(tokenizer)
+
+
+@lru_cache(maxsize=8)
+def _shared(tokenizer) -> Discretizer:
     return Discretizer(tokenizer)
 
 
