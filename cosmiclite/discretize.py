@@ -20,15 +20,18 @@ Two discretizers live here:
 * `discretize_text(text)` for free-form captions not built from labels: a lexicon keyed on the
   protocol's answer words and each group's nouns ("oxford shoes" -> shoes, "pleated skirt" -> bottoms,
   "wooden fence" -> other) finds the longest matches; adjectives that several groups share ("red",
-  "leather") go with the noun they modify; token spans come from the tokenizer's character offsets.
+  "leather") go with the noun they modify; token spans come from character offsets. It is quick because
+  a text is cut at punctuation into clauses whose groups are cached, and the ids of
+  each CLIP pre-token (word) are cached too.
 
 Spans are half-open over the 77 `input_ids`, the start token counted (so the first word is index 1).
 A caption longer than 77 tokens is truncated as every SD pipeline truncates it; groups cut by the
 truncation are reported in `lost_groups` (with a `TruncationWarning`) and given no span — a partly cut
 group is lost too, never given a shortened, silently wrong span.
 
-But: the free-text lexicon is a heuristic. It knows the protocol's vocabulary and a few hundred common
-nouns, not English; a group named in two places of a free text gives two entries.
+But: the free-text lexicon is a heuristic. It knows the protocol's vocabulary and about 150 common
+nouns (GROUP_NOUNS), not English; a group named in two places of a free text gives two entries, and a
+phrase with no noun it knows (a lone colour) gets no group.
 """
 from __future__ import annotations
 
