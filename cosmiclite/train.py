@@ -418,6 +418,8 @@ class Trainer:
         self.model = self._prepare_trainable()
         self.optimizer, self.lr_scheduler = self._optimizer()
         self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        if cfg.lora is not None:
+            self._register_lora_hooks()
         self.store = None
         self._capture = None
         if cfg.stage == "unet" and cfg.hola.beta > 0:
@@ -633,8 +635,6 @@ class Trainer:
     def run(self, max_steps: int | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
         cfg = self.cfg
         total = max_steps or cfg.run.max_steps
-        if cfg.lora is not None:
-            self._register_lora_hooks()
         if resume:
             self.resume()
         elif self.acc.is_main_process and latest_checkpoint(self.output) is not None:
@@ -989,10 +989,10 @@ def save_lora(unet, folder: str | Path, lora: LoraSection, sdxl: bool = False) -
 def export_lora(lora_dir: str | Path, out: str | Path, format: str = "kohya") -> Path:
     """Convert a diffusers-format LoRA folder to the kohya format AUTOMATIC1111/ComfyUI read (diffusers' converters).
 
-    diffusers -> PEFT (convert_state_dict_to_peft) -> kohya (convert_state_dict_to_kohya). The kohya `alpha`
+    diffusers -> PEFT (convert_unet_state_dict_to_peft) -> kohya (convert_state_dict_to_kohya). The kohya `alpha`
     entries are set from the adapter's own lora_alpha (the converter writes alpha = rank, i.e. scale 1).
     """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
     from safetensors import safe_open
     from safetensors.torch import save_file
     if format != "kohya":
@@ -1004,13 +1004,14 @@ def export_lora(lora_dir: str | Path, out: str | Path, format: str = "kohya") ->
     with safe_open(str(src), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata() or {}
-    kohya = convert_state_dict_to_kohya(convert_state_dict_to_peft(state))
+    if any(not k.startswith("unet.") for k in state):
+        raise ValueError(f"{src}: only UNet LoRAs are exported (keys 'unet.*'); this file has others")
+    kohya = convert_state_dict_to_kohya(convert_unet_state_dict_to_peft(state))
     alpha = None
     raw_meta = meta.get("lora_adapter_metadata")
     if raw_meta:
         info = json.loads(raw_meta)
-        info = info.get("unet", info) if isinstance(info, dict) else {}
-        alpha = info.get("lora_alpha")
+        alpha = info.get("unet.lora_alpha", info.get("lora_alpha")) if isinstance(info, dict) else None
     if alpha is not None:
         for k in kohya:
             if k.endswith(".alpha"):
