@@ -98,13 +98,14 @@ def _parse(template: str) -> tuple[tuple[str, str | None, str], ...]:
     return tuple(pieces)
 
 
-def fill(template: str, answers: Mapping[str, str | None], protocol: Protocol) -> str:
+def fill(template: str, answers: Mapping[str, str | None], protocol: Protocol, force: bool = False) -> str:
     """One phrase from one template, or '' when none of its slots is answered (see protocol.yaml).
 
     `answers` maps question id -> answer, None for unanswered / not visible / not applicable. A slot
     "answered" with a word-less answer (e.g. bangs: "no bangs" -> "") counts as unanswered.
+    `force` writes the phrase from its fallbacks even then (a worn item with no details: "hat").
     """
-    answered, out = False, []
+    answered, out = force, []
     for literal, qid, fallback in _parse(template):
         out.append(literal)
         if qid is None:
@@ -136,7 +137,9 @@ def group_phrases(annotation: Annotation, group: str, protocol: Protocol | None 
     g = protocol.group(group)
     if g.wear is not None and answers.get(g.wear) != "yes":
         return ()  # nothing worn: the group (and its mask) is absent from this image
-    return tuple(p for p in (fill(t, answers, protocol) for t in g.phrases) if p)
+    # A worn item is named even with no details: its first phrase falls back to the bare noun ("hat").
+    return tuple(p for i, t in enumerate(g.phrases)
+                 if (p := fill(t, answers, protocol, force=g.wear is not None and i == 0)))
 
 
 def compose(annotation: Annotation | Mapping[str, str], protocol: Protocol | None = None,

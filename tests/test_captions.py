@@ -67,7 +67,7 @@ def test_template_rules():
 def test_wear_question_gates_the_group():
     base = {"wear_hat": "yes", "hat_type": "beret", "hat_color": "red"}
     assert group_phrases(Annotation(base), "hat") == ("red beret",)
-    assert group_phrases(Annotation({"wear_hat": "yes"}), "hat") == ()
+    assert group_phrases(Annotation({"wear_hat": "yes"}), "hat") == ("hat",)  # worn, no details: the noun
     for wear in ("no", "not visible"):
         assert group_phrases(Annotation({"wear_hat": wear, "hat_type": "not applicable"}), "hat") == ()
     assert group_phrases(Annotation({"hat_type": "not visible", "wear_hat": "yes", "hat_color": "red"}), "hat") == ("red hat",)
