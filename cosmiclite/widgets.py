@@ -60,12 +60,12 @@ def _span(cls: str, group: str | None, text: str, colors: Mapping[str, str], **a
 
 
 def _display_token(token: str) -> str:
-    """CLIP's BPE token as a reader sees it: '</w>' marks a word end, the specials get short names."""
+    """CLIP's BPE token as a reader sees it: "</w>" (end of word) dropped, "…" where the word goes on."""
     if token == "<|startoftext|>":
         return "<start>"
     if token == "<|endoftext|>":
         return "<end>"
-    return token[:-4] if token.endswith("</w>") else token + "-"
+    return token[:-4] if token.endswith("</w>") else token + "…"  # "…": the word continues in the next token
 
 
 def errors_html(errors: list[str], title: str = "This annotation does not fit the protocol:") -> str:
