@@ -178,3 +178,36 @@ def _lut_for(label_set: str, protocol: Protocol):
     for gi, labels in enumerate(groups.values()):
         lut[list(labels), gi] = 1.0
     return tuple(groups), lut
+
+
+def plot_mask_set(image: np.ndarray, ms: MaskSet, discretized=None, sizes=None, only_present: bool = True):
+    """A figure of H: one row per group, the image with the group's mask over it, then the mask at each
+    size, titled with the group's caption phrases and token span (s, e) when `discretized` is given -
+    the pairing h_i <-> c_(s_i, e_i) that HOLA (Eq. 3) trains on.
+    """
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(ms.masks) if sizes is None else list(sizes)
+    rows = [i for i, _ in enumerate(ms.names) if ms.present[i] or not only_present]
+    spans = {g.name: g for g in discretized.groups} if discretized is not None else {}
+    fig, axes = plt.subplots(len(rows), 1 + len(sizes), figsize=(1.6 * (1 + len(sizes)) + 3.2, 1.5 * len(rows)),
+                             squeeze=False)
+    for r, gi in enumerate(rows):
+        name = ms.names[gi]
+        big = ms.masks[max(ms.masks)][gi].numpy()
+        up = np.kron(big, np.ones((image.shape[0] // big.shape[0], image.shape[1] // big.shape[1])))
+        axes[r, 0].imshow(image)
+        axes[r, 0].imshow(up, cmap="magma", alpha=0.55, vmin=0, vmax=1)
+        g = spans.get(name)
+        label = f"{name}\n" + (f"span {g.span}: " + ", ".join(g.phrases) if g else "(not in caption)")
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        axes[r, -1].text(1.08, 0.5, label[len(name) + 1:], transform=axes[r, -1].transAxes, va="center",
+                         fontsize=8, wrap=True)
+        for c, s in enumerate(sizes, start=1):
+            axes[r, c].imshow(ms.masks[s][gi].numpy(), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title(f"{s}x{s}", fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.subplots_adjust(left=0.12, right=0.62, top=0.95, bottom=0.02, wspace=0.05, hspace=0.1)
+    return fig

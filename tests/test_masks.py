@@ -93,3 +93,23 @@ def test_bad_inputs():
     assert not ms.present.any()
     with pytest.raises(KeyError, match="no mask group 'shirt'"):
         ms.mask("shirt", 4)
+
+
+def test_plot_mask_set_draws_one_row_per_present_group_with_its_span():
+    import matplotlib
+    matplotlib.use("Agg")
+    from cosmiclite import toyworld
+    from cosmiclite.captions import compose
+    from cosmiclite.discretize import discretize
+    from cosmiclite.masks import plot_mask_set
+
+    p = toyworld.render(6)
+    ms = mask_set(p.parsing)
+    d = discretize(compose(p.annotation))
+    fig = plot_mask_set(p.image, ms, d)
+    n_rows = int(ms.present.sum())
+    assert len(fig.axes) == n_rows * (1 + len(ms.masks))
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    for g in d.groups:
+        if g.name in ms.names and ms.present[ms.names.index(g.name)]:
+            assert any(f"span {g.span}" in t for t in texts), g.name
