@@ -178,7 +178,7 @@ def cmd_train_judge(args) -> int:
     from .judge import JUDGE_WEIGHTS, Augment, TrainConfig, train_judge, vae_reconstructor
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
-                      seed=args.seed, eval_seeds=args.eval_seeds)
+                      seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init)
     augment = Augment()
     if args.vae:
         from diffusers import AutoencoderKL
@@ -186,6 +186,7 @@ def cmd_train_judge(args) -> int:
     out = args.out or JUDGE_WEIGHTS
     command = (f"cosmiclite train-judge --steps {cfg.steps} --batch {cfg.batch} --pool {cfg.pool} "
                f"--eval-seeds {cfg.eval_seeds} --threads {cfg.threads} --seed {cfg.seed}"
+               + f" --lr {cfg.lr}" + (f" --init {args.init}" if args.init else "")
                + (f" --vae {args.vae}" if args.vae else "") + (f" --out {args.out}" if args.out else ""))
     _, info = train_judge(cfg, augment, out=out, command=command)
     h = info["heldout"]
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-seeds", type=int, default=2000, help="held-out seeds 0..N-1 to measure on (default 2000)")
     s.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     s.add_argument("--seed", type=int, default=0, help="random seed of init, batches and augmentation")
+    s.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
+    s.add_argument("--init", metavar="PATH", help="continue from a trained judge's .safetensors (same heads)")
     s.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder: also train on its reconstructions")
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
                    "the JSON config goes beside it)")

@@ -123,55 +123,107 @@ def as_batch(images: Any, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The CNN judge
 # ---------------------------------------------------------------------------------------------
+N_LABELS = 18  # the ATR label set
+
+
+def region_of(q, protocol: Protocol) -> tuple[int, ...]:
+    """The ATR labels a question is read from: its caption group's mask for outfit groups, else its part
+    (skin tone from the face, background colour and shot type from the background, ...)."""
+    g = protocol.group(q.group)
+    if g.level == "outfit":
+        return tuple(g.atr_labels)
+    return (next(p.atr_label for p in protocol.parts if p.id == q.part),)
+
+
 @dataclass
 class JudgeConfig:
     """Architecture and heads; saved as judge.json beside the weights."""
     heads: dict[str, list[str]]                 # question id -> the answers its head chooses from
+    regions: dict[str, list[int]] = field(default_factory=dict)  # question id -> ATR labels it is read from
     size: int = 64
-    convs: tuple[tuple[int, int], ...] = ((16, 1), (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (128, 2))  # (out, stride)
+    widths: tuple[int, ...] = (32, 64, 64, 64, 96, 128)  # stem /2, /4, /4, /4 (dilated), /8, /16
     hidden: int = 256
+    region_dim: int = 128
     info: dict = field(default_factory=dict)    # training command, seeds, held-out accuracy, time
+
+    def __post_init__(self):
+        if not self.regions:
+            protocol = load_protocol()
+            self.regions = {q: list(region_of(protocol.question(q), protocol)) for q in self.heads}
+        if self.size % 16:
+            raise ValueError(f"judge size {self.size} is not divisible by 16 (the network's total stride); "
+                             "use a multiple of 16, e.g. 64")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["convs"] = [list(c) for c in self.convs]
+        d["widths"] = list(self.widths)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "JudgeConfig":
-        return cls(heads={k: list(v) for k, v in d["heads"].items()}, size=int(d["size"]),
-                   convs=tuple(tuple(int(v) for v in c) for c in d["convs"]), hidden=int(d["hidden"]), info=dict(d.get("info", {})))
+        return cls(heads={k: list(v) for k, v in d["heads"].items()},
+                   regions={k: [int(x) for x in v] for k, v in d["regions"].items()}, size=int(d["size"]),
+                   widths=tuple(int(w) for w in d["widths"]), hidden=int(d["hidden"]),
+                   region_dim=int(d["region_dim"]), info=dict(d.get("info", {})))
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class JudgeNet(nn.Module):
-    """3x3 conv stack (stride 2 halves the side; 64 -> 4) -> flattened 4x4 grid -> shared MLP -> one head per question.
+    """Segment, then read: a small CNN that parses the image and reads each answer off its part.
 
-    One thin full-resolution layer (16 channels) keeps the 1-2 pixel details of a full-body person
-    (shoes, belt, sunglasses); the wider layers run at 32x32 and below, which keeps a training step
-    cheap on the shared 2-core CPU.
+    1. A conv trunk to a feature map F at 1/4 of the side (16x16 for 64x64 images); its 1x1 "parsing"
+       layer predicts the ATR label shares of every cell, trained on the toy world's exact parsing maps
+       (a dense auxiliary loss: the judge learns *where* the top is, not only what the image says).
+    2. For each region (the ATR labels a question is about: tops, bottoms = skirt+pants, face, ...),
+       pool F over the predicted region — with the cells' (y, x, y^2, x^2) appended, so where and how
+       long a part is (sleeve, hem, hair length) survives pooling — and take its log-area.
+    3. A global vector h (F further strided to 4x4, flattened: shot type, scene, the person's scale).
+    Each region gets z = ReLU(W[h, pooled, log-area]); each question's head reads its region's z.
 
-    The grid is flattened rather than pooled: *where* a colour sits (upper vs lower body) is what tells
-    the top colour from the bottoms colour, and global pooling would throw that away.
+    Why: a colour, pattern or length answer is then nearly a linear read-out of one pooled region,
+    wherever the person stands and however large they are, which is what lets it train in minutes on
+    a CPU; a plain global-pooling or flatten-then-MLP judge trained ~4x slower here and missed small
+    parts (belts, bags, hats) entirely.
     """
 
     def __init__(self, cfg: JudgeConfig):
         super().__init__()
-        layers, c_in = [], 3
-        for c, stride in cfg.convs:
-            layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        side = cfg.size // math.prod(s for _, s in cfg.convs)
-        if side < 1 or side * math.prod(s for _, s in cfg.convs) != cfg.size:
-            raise ValueError(f"judge size {cfg.size} is not divisible by the convs' total stride "
-                             f"{math.prod(s for _, s in cfg.convs)}; use a multiple of it (e.g. 64)")
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(c_in * side * side, cfg.hidden),
-                                   nn.ReLU(inplace=True))
-        self.heads = nn.ModuleDict({q: nn.Linear(cfg.hidden, len(a)) for q, a in cfg.heads.items()})
+        w = cfg.widths
+        self.trunk = nn.Sequential(_conv(3, w[0], 2), _conv(w[0], w[1], 2), _conv(w[1], w[2]),
+                                   _conv(w[2], w[3], dilation=2))
+        self.parse = nn.Conv2d(w[3], N_LABELS, 1)
+        self.down = nn.Sequential(_conv(w[3], w[4], 2), _conv(w[4], w[5], 2), nn.Flatten(), nn.Dropout(0.1),
+                                  nn.Linear(w[5] * (cfg.size // 16) ** 2, cfg.hidden), nn.ReLU(inplace=True))
+        side = cfg.size // 4
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+        self.register_buffer("coords", torch.stack([yy, xx, yy ** 2, xx ** 2]), persistent=False)
+        keys = sorted({tuple(v) for v in cfg.regions.values()})
+        self.region_keys = ["-".join(map(str, k)) for k in keys]
+        self.region_labels = {"-".join(map(str, k)): list(k) for k in keys}
+        self.head_region = {q: "-".join(map(str, r)) for q, r in cfg.regions.items()}
+        self.region_fc = nn.ModuleDict({k: nn.Linear(cfg.hidden + w[3] + 4 + 1, cfg.region_dim)
+                                        for k in self.region_keys})
+        self.heads = nn.ModuleDict({q: nn.Linear(cfg.region_dim, len(a)) for q, a in cfg.heads.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.trunk(self.features(x * 2 - 1))
-        return {q: head(h) for q, head in self.heads.items()}
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """x (B, 3, H, W) in [0, 1] -> (logits per question, parsing logits (B, 18, H/4, W/4))."""
+        f = self.trunk(x * 2 - 1)
+        parse = self.parse(f)
+        h = self.down(f)
+        prob = parse.softmax(1)
+        fc = torch.cat([f, self.coords.expand(len(x), -1, -1, -1)], 1)          # (B, C+4, s, s)
+        z = {}
+        for k in self.region_keys:
+            m = prob[:, self.region_labels[k]].sum(1, keepdim=True)              # (B, 1, s, s)
+            mass = m.sum((2, 3))                                                 # (B, 1)
+            pooled = (fc * m).sum((2, 3)) / (mass + 1e-3)
+            area = torch.log(mass / m[0].numel() + 1e-4)
+            z[k] = F.relu(self.region_fc[k](torch.cat([h, pooled, area], 1)))
+        return {q: head(z[self.head_region[q]]) for q, head in self.heads.items()}, parse
 
 
 class CNNJudge(Judge):
@@ -186,7 +238,7 @@ class CNNJudge(Judge):
     def logits(self, images: Any, batch_size: int = 256) -> dict[str, torch.Tensor]:
         x = as_batch(images, self.cfg.size)
         self.net.eval()
-        outs = [self.net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        outs = [self.net(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)]
         return {q: torch.cat([o[q] for o in outs]) for q in self.cfg.heads}
 
     def answer(self, images: Any) -> list[dict[str, str]]:
@@ -247,7 +299,9 @@ class Augment:
     vae: Callable[[torch.Tensor], torch.Tensor] | None = None
     vae_p: float = 0.5
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, g: torch.Generator, labels: torch.Tensor | None = None):
+        """x (B, 3, H, W) in [0, 1] -> augmented x; with `labels` (B, K, H, W) float maps (e.g. one-hot
+        parsing) returns (x, labels) with the same shift applied to both (nothing else touches labels)."""
         B, _, H, W = x.shape
         u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
         if self.vae is not None and self.vae_p > 0:
@@ -258,9 +312,11 @@ class Augment:
                     x[m] = self.vae(x[m]).clamp(0, 1)
         if self.shift:
             s = self.shift
-            xp = F.pad(x, (s, s, s, s), mode="replicate")
+            both = x if labels is None else torch.cat([x, labels], 1)
+            xp = F.pad(both, (s, s, s, s), mode="replicate")
             dx, dy = torch.randint(0, 2 * s + 1, (2, B), generator=g).tolist()
-            x = torch.stack([xp[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+            both = torch.stack([xp[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+            x, labels = (both, None) if labels is None else (both[:, :3], both[:, 3:])
         m = u(B) < self.resample_p
         if m.any():
             x = x.clone()
@@ -277,7 +333,8 @@ class Augment:
             lo, hi = self.noise_std
             std = (lo + (hi - lo) * u(B, 1, 1, 1)) * (u(B, 1, 1, 1) < self.noise_p)
             x = x + std * torch.randn(x.shape, generator=g)
-        return x.clamp(0, 1)
+        x = x.clamp(0, 1)
+        return x if labels is None else (x, labels)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
@@ -352,11 +409,13 @@ class TrainConfig:
     batch: int = 64
     pool: int = 12000                 # toy people rendered once (seeds from TRAIN_SEED_START), re-augmented each draw
     lr: float = 3e-3
+    parse_weight: float = 1.0         # the auxiliary parsing loss (see JudgeNet)
     weight_decay: float = 1e-4
     size: int = 64
     threads: int = 2
     seed: int = 0
     eval_seeds: int = len(HELDOUT_SEEDS)
+    init: str | None = None           # continue from a trained judge's weights (its heads must match)
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -378,19 +437,28 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     augment = augment if augment is not None else Augment()
     t0 = time.time()
     from .toyworld import render
-    imgs, anns = [], []
+    imgs, parsings, anns = [], [], []
     for s in tqdm(range(TRAIN_SEED_START, TRAIN_SEED_START + cfg.pool), desc="render toy people",
                   disable=not progress):
         p = render(s, size=cfg.size)
         imgs.append(p.image)
+        parsings.append(p.parsing)
         anns.append(p.annotation)
     pool = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()   # uint8 (N, 3, H, W)
+    pool_parsing = torch.from_numpy(np.stack(parsings)).long()                   # (N, H, W) ATR labels
     heads = heads_for(anns)
     y = targets(anns, heads)
-    del imgs, anns
+    del imgs, parsings, anns
     render_s = time.time() - t0
     jcfg = JudgeConfig(heads=heads, size=cfg.size)
     net = JudgeNet(jcfg)
+    previous = None
+    if cfg.init:
+        start = load_judge(cfg.init)
+        if start.cfg.heads != heads or start.cfg.size != cfg.size:
+            raise ValueError(f"--init {cfg.init}: its heads/size do not match this toy world's "
+                             f"({sorted(set(start.cfg.heads) ^ set(heads))}); train from scratch instead")
+        jcfg, net, previous = start.cfg, start.net.train(), start.cfg.info
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     net.train()
@@ -398,12 +466,15 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     running = None
     for step in bar:
         idx = torch.randint(0, len(pool), (cfg.batch,), generator=g)
-        x = augment(pool[idx].float() / 255.0, g)
+        onehot = F.one_hot(pool_parsing[idx], N_LABELS).permute(0, 3, 1, 2).float()
+        x, onehot = augment(pool[idx].float() / 255.0, g, onehot)
+        share = F.avg_pool2d(onehot, 4)                    # each cell's label shares: small parts survive
         t = y[idx]
-        logits = net(x)
+        logits, parse = net(x)
         losses = [F.cross_entropy(logits[q], t[:, k], ignore_index=-1)
                   for k, q in enumerate(heads) if (t[:, k] >= 0).any()]
-        loss = torch.stack(losses).mean()
+        parse_loss = -(share * parse.log_softmax(1)).sum(1).mean()
+        loss = torch.stack(losses).mean() + cfg.parse_weight * parse_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -429,6 +500,11 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
                     "chance_majority": {q.id: round(q.chance_majority, 4) for q in res.questions},
                     "chance_uniform": {q.id: round(q.chance_uniform, 4) for q in res.questions}},
     }
+    if previous:  # a continued run: keep the history of every stage that made these weights
+        info["continued_from"] = {k: previous.get(k) for k in
+                                  ("command", "train_seconds", "render_seconds", "train", "continued_from")}
+        info["total_train_seconds"] = round(train_s + previous.get("total_train_seconds",
+                                                                    previous.get("train_seconds", 0)), 1)
     jcfg.info = info
     if out is not None:
         judge.save(out)

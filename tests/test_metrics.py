@@ -127,3 +127,39 @@ def test_bad_input_errors():
         semantic_accuracy([{}], [A], judge_questions=["shirt_colour"])
     with pytest.raises(ValueError, match="OracleJudge holds 2"):
         OracleJudge(refs()).answer([None])
+
+
+def test_end_to_end_with_the_shipped_cnn_judge():
+    """Held-out toy renders judged by the shipped CNN against their own annotations, then against
+    annotations with one changed colour / bottoms type (seeds 6,000,000+: unseen in training)."""
+    from cosmiclite import load_protocol
+    from cosmiclite.judge import load_judge
+    from cosmiclite.toyworld import render
+
+    judge = load_judge()
+    people = [render(s) for s in range(6_000_000, 6_000_100)]
+    images = [p.image for p in people]
+    truth = [p.annotation for p in people]
+    r = evaluate(judge, images, truth)
+    for k in ("object", "texture", "shape"):  # each kind well above what always-the-majority-answer scores
+        rows = [q for q in r.questions if q.kind == k]
+        floor = sum(q.chance_majority * q.asked for q in rows) / sum(q.asked for q in rows)
+        assert r.by_kind[k] > floor + 0.1, (k, r.by_kind[k], floor)
+    base = r.by_kind
+
+    palette = load_protocol().question("top_color").answers
+    recolored = [Annotation({**a.answers, "top_color": palette[(palette.index(a.answers["top_color"]) + 1) % 12]})
+                 if a.get("top_color") else a for a in truth]
+    rc = evaluate(judge, images, recolored)
+    n_top = sum(1 for a in truth if a.get("top_color"))
+    assert n_top >= 10
+    assert rc.acc_tex < base["texture"] - 0.5 * n_top / r.asked["texture"]
+    assert rc.acc_obj == base["object"] and rc.acc_shape == base["shape"]
+
+    other = {"pants": "shorts", "shorts": "pants"}
+    swapped = [Annotation({**a.answers, "bottoms_type": other[a.answers["bottoms_type"]]})
+               if a.get("bottoms_type") in other else a for a in truth]
+    rs = evaluate(judge, images, swapped)
+    kind = load_protocol().question("bottoms_type").kind
+    assert rs.by_kind[kind] < base[kind]
+    assert all(rs.by_kind[k] == base[k] for k in base if k != kind)
