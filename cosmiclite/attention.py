@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 Span = tuple[int, int]
 
@@ -137,16 +138,8 @@ class _Store:
         h, w = grid_of(n_queries, self.latent_hw)
         return (h, w) if h in self.resolutions else None
 
-    def conditional(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
-        """(B*heads, N, K) -> (b, heads, N, K), keeping only the conditional half of a CFG batch."""
-        x = probs.unflatten(0, (-1, heads))
-        if self.cfg:
-            if x.shape[0] % 2:
-                raise ValueError("cfg=True but the UNet batch is odd; CFG batches are [uncond, cond] halves")
-            x = x[x.shape[0] // 2:]
-        return x
-
-    def record(self, name: str, probs: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
+    def record(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        """Receive one layer's M, (b, heads, h*w, 77) on a (h, w) grid (the cond half only, under CFG)."""
         raise NotImplementedError
 
 
@@ -167,8 +160,8 @@ class TrainingStore(_Store):
         super().begin_forward(sample, timestep)
         self._maps, self.layers = {}, {}  # a new forward: the previous one's maps are no longer wanted
 
-    def record(self, name, probs, heads, hw) -> None:
-        m = self.conditional(probs, heads)
+    def record(self, name, probs, hw) -> None:
+        m = probs
         if self.head_mean:
             m = m.mean(1, keepdim=True)
         self._maps.setdefault(hw[0], []).append(m)
@@ -192,7 +185,7 @@ class InferenceStore(_Store):
     """Reduces maps as they come (no grad): running head/layer(/step) means, memory independent of the run length.
 
     per_step: keep one mean per UNet forward (denoising step) instead of one over all steps.
-    spans: group spans; when given, group maps are accumulated too (and alone if keep_tokens=False).
+    spans: group spans, for `group_maps()`; with keep_tokens=False only group maps are accumulated (O(G x res^2)).
     """
 
     def __init__(self, resolutions=None, cfg=False, per_step: bool = False, spans: Sequence[Span] | None = None,
@@ -207,17 +200,17 @@ class InferenceStore(_Store):
         self.grids: dict[int, tuple[int, int]] = {}
 
     @torch.no_grad()
-    def record(self, name, probs, heads, hw) -> None:
-        m = self.conditional(probs.detach(), heads).float().mean(1)  # (b, N, 77): the mean over heads
+    def record(self, name, probs, hw) -> None:
+        m = probs.detach().float().mean(1)  # (b, N, 77): the mean over heads
         slots = self._acc.setdefault(hw[0], [])
         self.grids[hw[0]] = hw
         i = self.step if self.per_step else 0
         while len(slots) <= i:
             slots.append([None, None, 0])
         slot = slots[i]
-        if self.keep_tokens:
-            slot[0] = m.clone() if slot[0] is None else slot[0].add_(m)
-        if self.spans:
+        if self.keep_tokens:  # group maps are linear in the token maps: they are taken at the end
+            slot[0] = m if slot[0] is None else slot[0].add_(m)
+        else:
             if self._A is None or self._A.device != m.device:
                 self._A = group_matrix(self.spans, m.shape[-1], device=m.device)
             g = m @ self._A
@@ -239,6 +232,8 @@ class InferenceStore(_Store):
         """{res: (T, b, G, h, w)}: group maps m_(s_i,e_i) in the order of `spans`."""
         if self.spans is None:
             raise ValueError("no spans were given to the store; pass spans=... or use group_maps(token_maps, spans)")
+        if self.keep_tokens:
+            return {r: group_maps(m, self.spans, token_dim=2) for r, m in self.token_maps().items()}
         return {r: self._stack(r, 1) for r in self._acc}
 
     def nbytes(self) -> int:
@@ -252,8 +247,10 @@ class InferenceStore(_Store):
 class CrossAttentionCapture:
     """Attention processor for a cross-attention layer: Eq. 2 computed eagerly where recorded, stock elsewhere.
 
-    The eager path is diffusers' classic `AttnProcessor` (baddbmm + softmax via `attn.get_attention_scores`),
-    with the probabilities handed to the store before they multiply V.
+    The eager path computes what diffusers' classic `AttnProcessor` does (scores, softmax, M @ V; the same
+    upcasting and attention-mask rules), on (B, heads, tokens, d) views instead of copies, and hands the
+    probabilities M to the store before they multiply V. Under CFG the unconditional half, whose maps are
+    not wanted, goes through fused SDPA instead.
     """
 
     def __init__(self, name: str, store: _Store, fallback: Callable):
@@ -277,13 +274,38 @@ class CrossAttentionCapture:
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        Q = attn.head_to_batch_dim(attn.to_q(hidden_states))           # (B*heads, N, d)
-        K = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))   # (B*heads, 77, d)
-        V = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        M = attn.get_attention_scores(Q, K, attention_mask)            # Eq. 2: Softmax(Q K^T / sqrt(d))
-        self.store.record(self.name, M, attn.heads, hw)
+        heads = attn.heads
+        # (B, heads, tokens, d) views: no copies before the matmuls (diffusers' head_to_batch_dim copies thrice)
+        Q = attn.to_q(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+        K = attn.to_k(encoder_hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+        V = attn.to_v(encoder_hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+        mask = None if attention_mask is None else attention_mask.unflatten(0, (batch, heads))
+        # Classifier-free guidance: the batch is [uncond, cond] and only the conditional half's maps are kept,
+        # so only that half is computed in the open; the unconditional half stays on fused SDPA.
+        c0 = 0
+        if self.store.cfg:
+            if batch % 2:
+                raise ValueError(f"cfg=True but the UNet batch has odd size {batch}; CFG batches are "
+                                 f"[uncond, cond] halves (pass cfg=False without guidance)")
+            c0 = batch // 2
+        outs = []
+        if c0:
+            outs.append(F.scaled_dot_product_attention(Q[:c0], K[:c0], V[:c0], scale=attn.scale,
+                                                       attn_mask=None if mask is None else mask[:c0]))
+        Q, K, V = Q[c0:], K[c0:], V[c0:]
+        dtype = Q.dtype
+        if attn.upcast_attention:
+            Q, K = Q.float(), K.float()
+        S = Q @ (K * attn.scale).transpose(-1, -2)                    # Q K^T / sqrt(d): (b, heads, N, 77)
+        if mask is not None:
+            S = S + mask[c0:]
+        if attn.upcast_softmax:
+            S = S.float()
+        M = S.softmax(dim=-1).to(dtype)                                # Eq. 2: M = Softmax(Q K^T / sqrt(d))
+        self.store.record(self.name, M, hw)
+        outs.append(M @ V)
 
-        out = attn.batch_to_head_dim(torch.bmm(M, V))
+        out = (torch.cat(outs) if c0 else outs[0]).transpose(1, 2).flatten(2)  # (B, N, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))                      # linear projection, dropout
         if attn.residual_connection:
             out = out + residual

@@ -100,8 +100,10 @@ def test_cfg_keeps_only_the_conditional_half(unet):
     x, c = _inputs(batch=1, seed=1)
     _, uncond = _inputs(batch=1, seed=2)
     with torch.no_grad():
+        stock = unet(torch.cat([x, x]), 10, torch.cat([uncond, c])).sample
         with A.capture_cross_attention(unet, "inference", cfg=True) as both:
-            unet(torch.cat([x, x]), 10, torch.cat([uncond, c]))  # diffusers' order: [uncond, cond]
+            split = unet(torch.cat([x, x]), 10, torch.cat([uncond, c])).sample  # diffusers' order: [uncond, cond]
+        torch.testing.assert_close(split, stock, rtol=1e-4, atol=1e-5)  # SDPA half + eager half = stock
         with A.capture_cross_attention(unet, "inference") as cond_only:
             unet(x, 10, c)
         with A.capture_cross_attention(unet, "inference") as uncond_only:
