@@ -158,3 +158,53 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="masks"):
         hola_loss(maps, spans, {2: masks[2][:, :1]}, present, HolaConfig(resolutions="all"))
     assert math.isclose(HolaConfig.from_dict({"resolutions": [8, 16]}).to_dict()["resolutions"][1], 16)
+
+
+def test_eq3_bracket_matches_the_direct_formula_and_gradcheck():
+    """The fused bracket (Σ_j ‖m_j − h_i‖², ‖m̄_i − h_i‖²) equals the formula written out with autograd."""
+    from cosmiclite.hola import Eq3Bracket
+    g = torch.Generator().manual_seed(3)
+    B, H, P, T, G = 2, 3, 9, 7, 3
+    A = torch.rand(B, H, P, T, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()
+    h = (torch.rand(B, G, P, generator=g) > 0.5).double()
+    W = token_membership(torch.tensor([[[1, 3], [3, 4], [-1, -1]], [[0, 2], [2, 5], [5, 7]]]), T).double()
+    n = W.sum(-1)
+    tok, grp = Eq3Bracket.apply(A, h, W, n)
+    # direct: per token, its group's mask; per group, the mean of its tokens' maps
+    ht = torch.einsum("bgt,bgp->bpt", W, h)[:, None]
+    direct_tok = torch.einsum("bhpt,bgt->bhg", (A - ht) ** 2, W)
+    m_bar = torch.einsum("bhpt,bgt->bhgp", A, W / n.clamp_min(1)[..., None])
+    direct_grp = ((m_bar - h[:, None]) ** 2).sum(-1)
+    assert torch.allclose(tok, direct_tok) and torch.allclose(grp, direct_grp)
+    w1, w2 = torch.rand(B, H, G, generator=g, dtype=torch.float64), torch.rand(B, H, G, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((tok * w1).sum() + (grp * w2).sum(), A)[0]
+    gd = torch.autograd.grad((direct_tok * w1).sum() + (direct_grp * w2).sum(), A)[0]
+    assert torch.allclose(ga, gd)
+    assert ga[0, :, :, 4:].abs().max() == 0          # tokens in no group (and the absent group's) get no gradient
+    assert torch.autograd.gradcheck(lambda a: Eq3Bracket.apply(a, h, W, n), (A,))
+
+
+def test_loss_saves_no_full_size_tensor_for_backward():
+    """Memory: besides the maps themselves (already kept by the attention's softmax), HOLA keeps only small
+    per-group tensors for backward — no (maps − masks) difference, no stacked copy of the layers."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, G = 2, 4, 77, 5
+    maps = {16: [torch.rand(B, H, 256, T, generator=g).softmax(-1).requires_grad_() for _ in range(3)]}
+    spans = torch.tensor([[[1, 4], [4, 9], [9, 12], [12, 20], [-1, -1]]] * B)
+    masks = {16: (torch.rand(B, G, 16, 16, generator=g) > 0.5).float()}
+    present = torch.ones(B, G, dtype=torch.bool)
+    map_ptrs = {m.untyped_storage().data_ptr() for m in maps[16]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in map_ptrs:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all"))
+    loss.backward()
+    map_bytes = maps[16][0].numel() * 4
+    assert max(saved.values()) < map_bytes / 8, (max(saved.values()), map_bytes)
+    assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in maps[16])
