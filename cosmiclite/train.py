@@ -23,8 +23,35 @@ k+1 … exactly; the trainable weights, optimizer, LR scheduler and the torch/nu
 saved by `accelerate.save_state`. Checkpoints are written atomically: into a temporary folder, fsync'ed,
 a COMPLETE marker written last, then renamed; a folder without the marker is never loaded.
 
-But: no EMA, no SNR weighting, no aspect-ratio buckets; validation renders images only (the notebooks draw
-the attention maps); DeepSpeed/FSDP save the full UNet state (LoRA runs save only the adapter).
+Scaling out (issue 7): the same loop runs unchanged under `accelerate launch` / `torchrun -m cosmiclite.train`
+with DDP, DeepSpeed ZeRO-2 or FSDP (configs/accelerate/). The global batch is
+
+    global batch = run.batch_size (per process) × processes × run.grad_accum,
+
+and `optim.scale_lr: true` multiplies optim.lr by it (linear scaling rule). Process r of W takes the samples of
+global positions k·B·W + r·B + i, and every per-sample draw is keyed by that position, so W processes × batch B
+see exactly the samples, noise and timesteps of 1 process × batch W·B (tests/test_distributed.py checks the loss
+curve and the weights). The data-parallel mean is exact for HOLA too: a process's HOLA mean over its kept samples
+is re-weighted by its share of the kept samples of the whole global batch (see `_hola_dp_weight`). Gradient
+accumulation, no_sync and DeepSpeed's own accumulation come from `accelerator.accumulate`; the LR schedule
+counts optimizer steps (`step_scheduler_with_optimizer=False`), so a checkpoint resumes under any process count.
+Logged losses are averaged over the processes; log.csv, validation images and outputs are written by the main
+process only. Checkpoints: every rank writes its part (DeepSpeed/FSDP optimizer shards, RNG states) into the
+temporary folder; after a barrier only the main process fsyncs, marks and renames it (multi-node runs need the
+output folder on a shared file system). EMA of the UNet (`ema:`, diffusers' EMAModel, fp32 shadow weights) is
+saved with every checkpoint as safetensors and resumed.
+
+HOLA under wrapping: the capture processors and the pre-forward hook are installed on the unwrapped UNet (the
+module inside DDP / the DeepSpeed engine / the root FSDP unit). DDP and DeepSpeed call that module's forward, so
+every attention layer records as in one process (tested under DDP). FSDP (use_orig_params) keeps the module tree
+and its plain-Python processor objects; each wrapped BasicTransformerBlock gathers its weights before its forward,
+so the processor computes M on full weights and the maps stay in the autograd graph, whose backward runs through
+FSDP's gradient reduce-scatter like any activation.
+
+But: no SNR weighting, no aspect-ratio buckets; validation renders images only (the notebooks draw the attention
+maps). Under FSDP there is no EMA (the shadow weights would be shards) and validation is skipped (sharded weights
+cannot be sampled on one process: sample from OUTPUT/pipeline). LoRA runs are meant for one GPU or DDP; DeepSpeed
+saves the UNet in its training dtype (bf16 under bf16; the fp32 master weights stay in the checkpoint).
 """
 from __future__ import annotations
 
@@ -37,6 +64,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -48,7 +76,8 @@ import torch.nn.functional as F
 from .hola import HolaConfig, hola_terms
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "train", "export_lora", "save_lora", "latest_checkpoint",
-           "Trainer", "TrainData", "main"]
+           "Trainer", "TrainData", "global_batch", "memory_estimate", "MemoryEstimate", "fsdp_unit_params",
+           "activation_estimate", "memory_table", "main"]
 
 COMPLETE = "COMPLETE"              # marker file: a checkpoint folder is whole
 CKPT_PREFIX = "checkpoint-"
@@ -129,7 +158,7 @@ class LoraSection:
 class OptimSection:
     """AdamW (8-bit from bitsandbytes when asked and installed) and a diffusers LR schedule."""
     lr: float = 1e-4
-    scale_lr: bool = False         # lr × batch_size × grad_accum × processes
+    scale_lr: bool = False         # lr × global batch (batch_size × processes × grad_accum): linear scaling rule
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
@@ -137,6 +166,20 @@ class OptimSection:
     lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+
+
+@dataclass
+class EmaSection:
+    """An exponential moving average of the UNet's weights (full fine-tune only; diffusers.training_utils.EMAModel).
+
+    The EMA weights are what OUTPUT/pipeline holds (the raw last weights go to OUTPUT/unet_raw) and what validation
+    samples with. Shadow weights are fp32 on the training device: one more fp32 copy of the UNet per process.
+    """
+    decay: float = 0.9999
+    update_after_step: int = 0
+    use_ema_warmup: bool = False   # decay ramps up as 1 − (1 + step/inv_gamma)^−power
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
 
 
 @dataclass
@@ -175,6 +218,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection | None = None       # null: full fine-tune of the UNet
+    ema: EmaSection | None = None         # null: no EMA
     hola: HolaConfig = field(default_factory=lambda: HolaConfig(beta=0.0))
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
@@ -199,7 +243,7 @@ def _build(cls, d: Any, where: str):
     kw = {}
     for k, v in d.items():
         sub = {"model": ModelSection, "data": DataSection, "caption": CaptionSection, "lora": LoraSection,
-               "optim": OptimSection, "run": RunSection, "validation": ValidationSection}.get(k)
+               "ema": EmaSection, "optim": OptimSection, "run": RunSection, "validation": ValidationSection}.get(k)
         if sub is not None and (cls is TrainConfig or (cls is DataSection and k == "caption")):
             kw[k] = _build(sub, v, f"{where}.{k}")
         elif cls is TrainConfig and k == "hola":
@@ -254,6 +298,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("lora.targets is empty: name the UNet modules to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
         if cfg.stage == "vae":
             raise ConfigError("lora is set but stage=vae trains the whole autoencoder: set `lora: null`")
+    if cfg.ema is not None:
+        if cfg.lora is not None or cfg.stage == "vae":
+            raise ConfigError("ema is set but only the full fine-tune of the UNet keeps an EMA: set `ema: null` "
+                              "(or `lora: null` and stage: unet)")
+        if not 0 < cfg.ema.decay < 1:
+            raise ConfigError(f"ema.decay={cfg.ema.decay}: must be in (0, 1), e.g. 0.9999")
     if cfg.hola.beta > 0:
         if cfg.stage == "vae":
             raise ConfigError("hola.beta > 0 with stage=vae: HOLA supervises UNet cross-attention; set hola.beta: 0")
@@ -309,6 +359,161 @@ def load_config(path: str | Path | Mapping, **overrides) -> TrainConfig:
             node = node.setdefault(k, {}) if node.get(k) is not None else node.setdefault(k, {}) or {}
         node[last] = value
     return validate(_build(TrainConfig, raw, "config"))
+
+
+# ----------------------------------------------------------------------------------------------- scaling out
+
+def global_batch(batch_size: int, processes: int = 1, grad_accum: int = 1) -> int:
+    """Samples per optimizer step: per-process batch × processes × gradient-accumulation steps."""
+    return batch_size * processes * grad_accum
+
+
+MODES = ("ddp", "zero2", "fsdp")
+GiB = 2 ** 30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU of one training mode, COMPUTED from parameter counts (not measured). See `memory_estimate`."""
+    mode: str
+    n_gpus: int
+    n_params: int
+    weights: float
+    weights_compute: float        # bf16/fp16 copies used by the matmuls (autocast / FSDP's gathered units)
+    grads: float
+    optimizer: float              # AdamW exp_avg + exp_avg_sq (+ DeepSpeed's fp32 master copy)
+    ema: float
+    buffers: float                # communication buckets (DeepSpeed's default reduce/all-gather buckets)
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.weights_compute + self.grads + self.optimizer + self.ema + self.buffers
+                + self.activations)
+
+    def gib(self) -> dict[str, Any]:
+        keys = ("weights", "weights_compute", "grads", "optimizer", "ema", "buffers", "activations", "total")
+        return {"mode": self.mode, "n_gpus": self.n_gpus, **{k: round(getattr(self, k) / GiB, 2) for k in keys}}
+
+
+def memory_estimate(n_params: int, n_gpus: int = 1, mode: str = "ddp", mixed_precision: str = "bf16",
+                    ema: bool = False, activation_bytes: float = 0.0, unit_params: int = 0,
+                    bucket_elements: int = 500_000_000) -> MemoryEstimate:
+    """Training memory per GPU for a full fine-tune with AdamW (computed, ZeRO paper's accounting, Rajbhandari
+    et al. 2020), P = n_params, N = n_gpus, half = 2 bytes under bf16/fp16 mixed precision:
+
+      ddp    every GPU holds everything: fp32 weights 4P, fp32 grads 4P (DDP's buckets are the grads:
+             gradient_as_bucket_view), Adam 8P; autocast keeps a half copy of the weights for backward (2P).
+      zero2  DeepSpeed ZeRO-2: half weights 2P replicated; half grads 2P/N and fp32 master + Adam 12P/N sharded
+             (fp32 training: weights 4P, grads 4P/N, Adam 8P/N); plus DeepSpeed's reduce and all-gather buckets
+             (bucket_elements each, its default 5e8, at most P).
+      fsdp   FULL_SHARD: fp32 weights, grads and Adam all sharded, 16P/N; plus the units gathered at once in the
+             compute dtype (unit_params: the root unit + the two largest wrapped blocks, see `fsdp_unit_params`)
+             and their unsharded grads.
+    ema: one more fp32 copy (4P) on every GPU (DDP, ZeRO-2; not supported under FSDP).
+    activation_bytes: the per-GPU activations (`activation_estimate`); they do not shrink with N.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES}")
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}: use no, fp16 or bf16")
+    if n_gpus < 1 or n_params < 1:
+        raise ValueError(f"n_gpus={n_gpus}, n_params={n_params}: both must be >= 1")
+    P, N = float(n_params), float(n_gpus)
+    half = 2.0 if mixed_precision != "no" else 0.0
+    c = 2.0 if half else 4.0                         # bytes of a weight as the matmuls see it
+    buffers, compute = 0.0, 0.0
+    if mode == "ddp":
+        weights, compute, grads, optim = 4 * P, half * P, 4 * P, 8 * P
+    elif mode == "zero2":
+        weights = c * P
+        grads = c * P / N
+        optim = (12 if half else 8) * P / N
+        buffers = 2 * min(P, bucket_elements) * c
+    else:
+        if unit_params <= 0:
+            raise ValueError("mode='fsdp' needs unit_params (the parameters gathered at once): "
+                             "fsdp_unit_params(unet) computes it for a UNet")
+        weights, grads, optim = 4 * P / N, 4 * P / N, 8 * P / N
+        compute = 2 * c * unit_params                 # gathered weights + their unsharded grads
+        if ema:
+            raise ValueError("ema under FSDP is not supported by the trainer (sharded weights): use ddp or zero2")
+    return MemoryEstimate(mode, n_gpus, n_params, weights, compute, grads, optim, 4 * P if ema else 0.0, buffers,
+                          float(activation_bytes))
+
+
+def memory_table(arch: str = "sd15", n_gpus: Sequence[int] = (1, 8), batch_size: int = 1, image_size: int | None = None,
+                 mixed_precision: str = "bf16", gradient_checkpointing: bool = True, ema: bool = False) -> list[dict]:
+    """Rows of `memory_estimate` (GiB per GPU, computed) for an architecture of cosmiclite.models (e.g. "sd15",
+    "sdxl") in every mode and GPU count, with its parameter count, FSDP units and activations from the meta device."""
+    from .models import architecture
+    a = architecture(arch)
+    size = image_size or a.image_size
+    latent = size // 2 ** (len(a.vae["block_out_channels"]) - 1)
+    units = fsdp_unit_params(a.unet)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    act = activation_estimate(a.unet, batch_size, latent, dtype, gradient_checkpointing)
+    rows = []
+    for n in n_gpus:
+        for mode in MODES:
+            if mode == "fsdp" and ema:
+                continue
+            e = memory_estimate(units["total"], n, mode, mixed_precision, ema=ema, activation_bytes=act,
+                                unit_params=units["gathered"])
+            rows.append({"arch": arch, "params_M": round(units["total"] / 1e6, 1), "batch_per_gpu": batch_size,
+                         "image_size": size, **e.gib()})
+    return rows
+
+
+def _meta_unet(unet_config: Mapping):
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(dict(unet_config))
+
+
+def fsdp_unit_params(unet_config: Mapping, wrap: Sequence[str] = ("BasicTransformerBlock", "ResnetBlock2D")) -> dict:
+    """Parameters of the FSDP units (configs/accelerate/fsdp.yaml wraps these block classes), from a UNet config on
+    the meta device (no memory): total, the root unit's own (not inside a wrapped block), the largest unit, and
+    `gathered` = root + 2 × largest (the unit computing and the one prefetched)."""
+    unet = _meta_unet(unet_config)
+    units = [sum(p.numel() for p in m.parameters()) for m in unet.modules() if type(m).__name__ in wrap]
+    # a wrapped block nested in another wrapped block does not occur in diffusers' UNets (blocks are leaves)
+    total = sum(p.numel() for p in unet.parameters())
+    root = total - sum(units)
+    return {"total": total, "root": root, "largest": max(units), "gathered": root + 2 * max(units)}
+
+
+def activation_estimate(unet_config: Mapping, batch: int, latent_side: int, dtype=torch.bfloat16,
+                        gradient_checkpointing: bool = False, text_tokens: int = 77) -> float:
+    """Bytes of the tensors a UNet's forward saves for backward (its activations), COMPUTED by running the forward on
+    the meta device (shapes only, no memory, no arithmetic) in `dtype` under `saved_tensors_hooks`. Weights saved
+    for backward are not counted (they are in `memory_estimate`'s terms). An approximation of the real peak: a
+    tensor saved twice counts twice, autocast's fp32 islands (softmax, norms) are counted in `dtype`, and the
+    transient workspace of the backward itself is left out."""
+    unet = torch.nn.Module.to(_meta_unet(unet_config), dtype)   # (diffusers' .to warns about fp32 modules)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = {id(p) for p in unet.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if id(t) not in params:
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    cfg = unet.config
+    x = torch.zeros(batch, cfg.in_channels, latent_side, latent_side, device="meta", dtype=dtype)
+    c = torch.zeros(batch, text_tokens, cfg.cross_attention_dim, device="meta", dtype=dtype)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        n_text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(batch, n_text, device="meta", dtype=dtype),
+                 "time_ids": torch.zeros(batch, 6, device="meta", dtype=dtype)}
+    t = torch.zeros(batch, device="meta", dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, t, c, added_cond_kwargs=added)
+    return float(sum(saved.values()))
 
 
 # ----------------------------------------------------------------------------------------------- randomness
@@ -403,26 +608,56 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, output: str | Path | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+                                      ProjectConfiguration)
 
         self.cfg = cfg
         self.output = Path(output or cfg.output)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.acc = Accelerator(mixed_precision=cfg.run.mixed_precision,
+        # gradient_accumulation_steps: accelerate's accumulate() skips the DDP/FSDP all-reduce on the first
+        # grad_accum − 1 micro-steps and tells DeepSpeed its accumulation. step_scheduler_with_optimizer=False:
+        # the LR schedule counts optimizer steps whatever the process count (a checkpoint resumes under any W).
+        # gradient_as_bucket_view: DDP's gradients live in its all-reduce buckets (no second fp32 gradient copy).
+        # Launched by torchrun/accelerate with several processes on a machine without a GPU: accelerate 1.x forms
+        # the gloo group (DistributedType.MULTI_CPU) only when told cpu=True; otherwise every process would train
+        # alone, each believing it is the only one.
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        cpu_group = world_env > 1 and not torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=cpu_group,
+                               # a plugin, not gradient_accumulation_steps=: accelerate launch's environment
+                               # (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) must not override run.grad_accum
+                               gradient_accumulation_plugin=GradientAccumulationPlugin(
+                                   num_steps=cfg.run.grad_accum, sync_with_dataloader=False),
+                               step_scheduler_with_optimizer=False,
+                               kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
                                project_config=ProjectConfiguration(project_dir=str(self.output)),
                                log_with="tensorboard" if cfg.run.tensorboard else None)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if self.world != world_env:
+            raise RuntimeError(f"WORLD_SIZE={world_env} but accelerate formed a group of {self.world} process(es) "
+                               f"({self.acc.distributed_type}): launch with `accelerate launch` or `torchrun`")
+        self.mode = self.acc.distributed_type
+        self.is_fsdp, self.is_deepspeed = self.mode == DistributedType.FSDP, self.mode == DistributedType.DEEPSPEED
         if cfg.stage == "vae" and self.world > 1:
             raise ConfigError("stage=vae runs on one process (the toy autoencoder is small): launch it without "
                               "accelerate/torchrun multi-process")
+        if cfg.ema is not None and self.is_fsdp:
+            raise ConfigError("ema is set but FSDP shards the UNet's weights (an EMA would hold shards): use DDP "
+                              "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 for EMA, or set `ema: null`")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.run.mixed_precision, torch.float32)
         self.components = self._load_components()
         self.image_size = cfg.data.image_size
         self.data = TrainData(cfg, self.components, rank=self.rank, world=self.world)
         self.model = self._prepare_trainable()
+        self.ema = self._make_ema(self.model) if cfg.ema is not None else None   # fp32 copies, before any cast
         self.optimizer, self.lr_scheduler = self._optimizer()
+        if self.is_deepspeed:
+            self._fill_deepspeed_config()
         self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        # The UNet's input dtype: autocast casts for DDP/FSDP/one process; DeepSpeed (and the LoRA base) hold the
+        # weights themselves in the training dtype, so z_t must come in that dtype.
+        self.input_dtype = self.weight_dtype if (cfg.lora is not None or self.is_deepspeed) else torch.float32
         if cfg.lora is not None:
             self._register_lora_hooks()
         self.store = None
@@ -514,7 +749,7 @@ class Trainer:
     def _optimizer(self):
         from diffusers.optimization import get_scheduler
         o, r = self.cfg.optim, self.cfg.run
-        lr = o.lr * (r.batch_size * r.grad_accum * self.world if o.scale_lr else 1)
+        lr = o.lr * (global_batch(r.batch_size, self.world, r.grad_accum) if o.scale_lr else 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if o.use_8bit_adam:
             import bitsandbytes as bnb
@@ -522,10 +757,53 @@ class Trainer:
         else:
             opt_cls = torch.optim.AdamW
         opt = opt_cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        # accelerate steps a prepared scheduler once per process per optimizer step: scale the counts
-        sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps * self.world,
-                              num_training_steps=r.max_steps * self.world)
+        # counted in optimizer steps: the loop steps it once per optimizer step (step_scheduler_with_optimizer=False)
+        sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=r.max_steps)
         return opt, sched
+
+    def _fill_deepspeed_config(self) -> None:
+        """DeepSpeed reads batch, accumulation and clipping from its own config: fill them from the cosmiclite
+        config (no dataloader is prepared, so accelerate cannot infer the micro-batch)."""
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        r = self.cfg.run
+        ds["train_micro_batch_size_per_gpu"] = r.batch_size
+        ds["gradient_accumulation_steps"] = r.grad_accum
+        ds["train_batch_size"] = global_batch(r.batch_size, self.world, r.grad_accum)
+        ds["gradient_clipping"] = float(self.cfg.optim.max_grad_norm or 0.0)
+        if self.cfg.optim.use_8bit_adam:
+            ds["zero_allow_untested_optimizer"] = True
+
+    # ---- EMA
+    def _make_ema(self, unet):
+        from diffusers.training_utils import EMAModel
+        e = self.cfg.ema
+        return EMAModel([p for p in unet.parameters()], decay=e.decay, update_after_step=e.update_after_step,
+                        use_ema_warmup=e.use_ema_warmup, inv_gamma=e.inv_gamma, power=e.power,
+                        model_cls=type(unet), model_config=unet.config)
+
+    def _ema_params(self) -> list[torch.nn.Parameter]:
+        return list(self.acc.unwrap_model(self.model).parameters())
+
+    def _save_ema(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+        names = [n for n, _ in self.acc.unwrap_model(self.model).named_parameters()]
+        save_file({n: t.detach().cpu().contiguous() for n, t in zip(names, self.ema.shadow_params)},
+                  str(folder / "ema_unet.safetensors"))
+        (folder / "ema_state.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step,
+                                                           "decay": self.ema.decay}))
+
+    def _load_ema(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+        f = folder / "ema_unet.safetensors"
+        if not f.is_file():
+            raise RuntimeError(f"checkpoint {folder} holds no EMA weights (ema_unet.safetensors) but this config has "
+                               "`ema:` set: resume with the config that wrote it, or start a new --output")
+        state = load_file(str(f))
+        names = [n for n, _ in self.acc.unwrap_model(self.model).named_parameters()]
+        with torch.no_grad():
+            for n, s in zip(names, self.ema.shadow_params):
+                s.copy_(state[n])
+        self.ema.optimization_step = json.loads((folder / "ema_state.json").read_text())["optimization_step"]
 
     # ---- checkpoints
     def _register_lora_hooks(self) -> None:
@@ -569,7 +847,10 @@ class Trainer:
         self.acc.save_state(str(tmp), safe_serialization=True)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.cfg.to_dict()}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "world": self.world,
+                                                                "config": self.cfg.to_dict()}))
+            if self.ema is not None:
+                self._save_ema(tmp)
             _fsync_tree(tmp)
             (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
             _fsync_tree(tmp)
@@ -597,6 +878,8 @@ class Trainer:
             return 0
         self.step, folder = found
         self.acc.load_state(str(folder))
+        if self.ema is not None:
+            self._load_ema(folder)
         return self.step
 
     # ---- losses
@@ -615,8 +898,7 @@ class Trainer:
         with torch.no_grad():
             states, added = _text_embeddings(self.components, batch["input_ids"], self.image_size, dev, self.weight_dtype)
         with self.acc.autocast():
-            pred = self.model(zt.to(self.weight_dtype) if self.cfg.lora is not None else zt, t, states,
-                              added_cond_kwargs=added).sample
+            pred = self.model(zt.to(self.input_dtype), t, states, added_cond_kwargs=added).sample
         noise_loss = F.mse_loss(pred.float(), target.float())
         out = {"noise_loss": noise_loss}
         loss = cfg.hola.alpha * noise_loss
@@ -624,10 +906,20 @@ class Trainer:
             keep = per_sample_rand(cfg.seed, pos, _DROP) >= cfg.hola.drop_prob    # CosmicMan drops 10 %
             terms = hola_terms(self.store.maps(), batch["spans"], {k: v.to(dev) for k, v in batch["masks"].items()},
                                batch["present"], cfg.hola, image_size=self.image_size, keep=keep)
-            loss = loss + cfg.hola.beta * terms.loss
-            out["hola_loss"] = terms.loss
+            hola = terms.loss * self._hola_dp_weight(terms.n_samples) if self.world > 1 else terms.loss
+            loss = loss + cfg.hola.beta * hola
+            out["hola_loss"] = hola
         out["loss"] = loss
         return out
+
+    def _hola_dp_weight(self, n_local: int) -> float:
+        """L_HOLA is a mean over the samples that count (kept, with a group in the loss). DDP averages the W
+        processes' gradients, which equals the global batch's mean only if every process counts as many samples.
+        Weighting process r's mean by W·n_r / Σ n makes the average of the W losses (and gradients) exactly the
+        mean over the global micro-batch, i.e. what one process with batch W·B computes."""
+        n = torch.tensor([float(n_local)], device=self.acc.device)
+        total = float(self.acc.reduce(n, reduction="sum").item())
+        return self.world * n_local / total if total > 0 else 0.0
 
     def vae_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """The toy autoencoder: L = MSE(D(z), x) + kl_weight · KL(q(z|x) ‖ N(0, I)), z ~ q(z|x)."""
@@ -654,7 +946,7 @@ class Trainer:
         self._write_config()
         if cfg.run.tensorboard:
             self.acc.init_trackers("cosmiclite", config={"stage": cfg.stage})
-        log = _CsvLog(self.output / "log.csv", self.acc.is_main_process, append=resume)
+        log = _CsvLog(self.output / "log.csv", self.acc.is_main_process, append=resume, after_step=self.step)
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.stage}", disable=not self.acc.is_local_main_process)
         loss_fn = self.vae_loss if cfg.stage == "vae" else self.unet_loss
@@ -662,22 +954,28 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         t_last, n_last, last = time.perf_counter(), self.step, {}
         while self.step < total:
-            acc_logs: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.run.grad_accum):
                 batch = self.data.batch(self.step * cfg.run.grad_accum + micro)
-                sync = micro == cfg.run.grad_accum - 1
-                ctx = self.acc.no_sync(self.model) if not sync else _nullcontext()
-                with ctx:
+                # accumulate(): no gradient all-reduce until the last micro-step; backward divides by grad_accum
+                with self.acc.accumulate(self.model):
                     out = loss_fn(batch)
-                    self.acc.backward(out["loss"] / cfg.run.grad_accum)
+                    self.acc.backward(out["loss"])
+                    if self.acc.sync_gradients:
+                        if cfg.optim.max_grad_norm:
+                            self.acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)   # DeepSpeed: its config
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 for k, v in out.items():
-                    acc_logs[k] = acc_logs.get(k, 0.0) + float(v.detach()) / cfg.run.grad_accum
-            if cfg.optim.max_grad_norm:
-                self.acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                    sums[k] = sums.get(k, 0.0) + v.detach().float().reshape(1) / cfg.run.grad_accum
+            if self.ema is not None:
+                self.ema.step(self._ema_params())
             self.step += 1
+            # the losses of the whole global batch: the mean over processes (each already a mean over its samples)
+            keys = list(sums)                     # the same order on every process
+            mean = self.acc.reduce(torch.cat([sums[k] for k in keys]).to(self.acc.device), reduction="mean")
+            acc_logs = {k: float(v) for k, v in zip(keys, mean.cpu())}
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in acc_logs.items()})
             if self.step % cfg.run.log_every == 0 or self.step == total:
@@ -686,7 +984,10 @@ class Trainer:
                 t_last, n_last = now, self.step
                 row = {"step": self.step, **{k: round(v, 6) for k, v in acc_logs.items()},
                        "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": round(s_per_step, 4),
-                       "images_per_s": round(cfg.run.batch_size * cfg.run.grad_accum * self.world / s_per_step, 3)}
+                       "images_per_s": round(global_batch(cfg.run.batch_size, self.world, cfg.run.grad_accum)
+                                             / s_per_step, 3)}
+                if self.acc.device.type == "cuda":        # this process's peak since the start
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.acc.device) / GiB, 3)
                 log.write(row)
                 if cfg.run.tensorboard:
                     self.acc.log(row, step=self.step)
@@ -710,11 +1011,17 @@ class Trainer:
             (self.output / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def save_outputs(self) -> None:
-        """OUTPUT/vae (stage vae), OUTPUT/lora (diffusers LoRA) or OUTPUT/pipeline (full UNet in a whole pipeline)."""
+        """OUTPUT/vae (stage vae), OUTPUT/lora (diffusers LoRA) or OUTPUT/pipeline (full UNet in a whole pipeline;
+        the EMA weights when `ema:` is set, the raw last weights then in OUTPUT/unet_raw)."""
         self.acc.wait_for_everyone()
+        full_state = self.acc.get_state_dict(self.model) if self.is_fsdp else None   # collective: every rank
         if not self.acc.is_main_process:
             return
         model = self.acc.unwrap_model(self.model)
+        if full_state is not None:        # FSDP: the gathered full weights into a plain copy of the UNet
+            from diffusers import UNet2DConditionModel
+            model = UNet2DConditionModel.from_config(model.config)
+            model.load_state_dict(full_state)
         if self.cfg.stage == "vae":
             info = self.data.calibrate_vae_scaling(model, self.acc.device)
             model.save_pretrained(self.output / "vae", safe_serialization=True)
@@ -726,6 +1033,9 @@ class Trainer:
             from .models import save_pipeline
             comps = dict(self.components)
             comps["unet"] = model
+            if self.ema is not None:   # training is over: the UNet takes the EMA weights for good
+                model.save_pretrained(self.output / "unet_raw", safe_serialization=True)
+                self.ema.copy_to(model.parameters())
             if self.cfg.model.text_encoder_fp16:
                 for k in ("text_encoder", "text_encoder_2"):
                     if k in comps:
@@ -733,11 +1043,32 @@ class Trainer:
             folder = save_pipeline(comps, self.output / "pipeline")
             shutil.copy(self.output / "config.yaml", folder / "train_config.yaml")   # how it was made
 
+    @contextmanager
+    def _ema_weights(self, model):
+        """The EMA weights in the model for the duration (diffusers' store / copy_to / restore), or nothing."""
+        if self.ema is None:
+            yield model
+            return
+        params = list(model.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield model
+        finally:
+            self.ema.restore(params)
+
     @torch.no_grad()
     def validate(self) -> Path | None:
-        """Images for the validation prompts with the current weights: OUTPUT/validation/step-N.png."""
+        """Images for the validation prompts with the current weights (the EMA weights when `ema:` is set), on
+        the main process only: OUTPUT/validation/step-N.png. Skipped under FSDP (no process holds the weights)."""
         v = self.cfg.validation
         if not v.prompts or not self.acc.is_main_process:
+            return None
+        if self.is_fsdp:
+            if not getattr(self, "_warned_fsdp_validation", False):
+                print("cosmiclite.train: validation images are skipped under FSDP (the UNet is sharded across "
+                      "processes); sample from OUTPUT/pipeline after training", file=sys.stderr)
+                self._warned_fsdp_validation = True
             return None
         from PIL import Image
         from .models import pipeline_from_components
@@ -747,8 +1078,7 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         was_training = comps["unet"].training
         comps["unet"].eval()
-        ctx = self._capture_paused()
-        with ctx:
+        with self._capture_paused(), self._ema_weights(comps["unet"]):
             imgs = pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance,
                         height=self.image_size, width=self.image_size, output_type="np",
                         generator=torch.Generator().manual_seed(v.seed)).images
@@ -774,23 +1104,23 @@ class Trainer:
         return _Pause()
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 class _CsvLog:
-    """log.csv: one row per logged step (columns fixed by the first row)."""
+    """log.csv: one row per logged step (columns fixed by the first row). A resumed run keeps the rows up to its
+    checkpoint's step and drops the later ones (the steps it replays would otherwise be logged twice)."""
 
-    def __init__(self, path: Path, active: bool, append: bool):
+    def __init__(self, path: Path, active: bool, append: bool, after_step: int = 0):
         self.path, self.active = path, active
         self.fields: list[str] | None = None
         if active and append and path.is_file():
-            with open(path) as f:
-                self.fields = next(csv.reader(f), None)
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or []) or None
+                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= after_step]
+            if self.fields:
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(kept)
         elif active and path.exists():
             path.unlink()
 
