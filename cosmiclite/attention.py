@@ -122,6 +122,7 @@ class _Store:
         self.latent_hw: tuple[int, int] | None = None
         self.step = -1
         self.timesteps: list[float] = []
+        self.seen: set[int] = set()  # resolutions of the cross-attention layers met, recorded or not
 
     def begin_forward(self, sample: torch.Tensor, timestep: Any) -> None:
         self.latent_hw = tuple(sample.shape[-2:])
@@ -136,7 +137,14 @@ class _Store:
         if self.latent_hw is None:
             return None  # called outside a UNet forward: nothing to key it by
         h, w = grid_of(n_queries, self.latent_hw)
+        self.seen.add(h)
         return (h, w) if h in self.resolutions else None
+
+    def check_recorded(self, recorded) -> None:
+        if not recorded:
+            raise ValueError(f"no map was recorded: resolutions={self.resolutions} but this UNet's cross-attention "
+                             f"layers ran at {sorted(self.seen) or 'no resolution (was the UNet called?)'}; "
+                             f"pass resolutions from those")
 
     def record(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
         """Receive one layer's M, (b, heads, h*w, 77) on a (h, w) grid (the cond half only, under CFG)."""
@@ -170,6 +178,7 @@ class TrainingStore(_Store):
 
     def maps(self) -> dict[int, list[torch.Tensor]]:
         """{res: [M of each recorded layer, (B, H, h*w, 77)]} from the latest UNet forward, differentiable."""
+        self.check_recorded(self._maps)
         return dict(self._maps)
 
     def token_maps(self) -> dict[int, torch.Tensor]:
@@ -226,6 +235,7 @@ class InferenceStore(_Store):
         """{res: (T, b, 77, h, w)}, T = steps if per_step else 1: mean over heads, layers (and steps)."""
         if not self.keep_tokens:
             raise ValueError("token maps were not kept (keep_tokens=False)")
+        self.check_recorded(self._acc)
         return {r: self._stack(r, 0) for r in self._acc}
 
     def group_maps(self) -> dict[int, torch.Tensor]:
@@ -234,6 +244,7 @@ class InferenceStore(_Store):
             raise ValueError("no spans were given to the store; pass spans=... or use group_maps(token_maps, spans)")
         if self.keep_tokens:
             return {r: group_maps(m, self.spans, token_dim=2) for r, m in self.token_maps().items()}
+        self.check_recorded(self._acc)
         return {r: self._stack(r, 1) for r in self._acc}
 
     def nbytes(self) -> int:

@@ -123,18 +123,18 @@ def test_inference_memory_is_bounded_and_per_step_grows(unet):
                 unet(x, 999 - t, c)
         return s
 
-    short, long = run(3), run(12)
+    short, long = run(2), run(5)
     assert short.nbytes() == long.nbytes() > 0
     # (8*8 + 16*16) cells x 77 tokens x 4 bytes: one head/layer/step mean per resolution
     assert long.nbytes() == (64 + 256) * 77 * 4
     assert long.token_maps()[16].shape == (1, 1, 77, 16, 16)
-    groups_only = run(12, spans=[(1, 3), (4, 6)], keep_tokens=False)
+    groups_only = run(3, spans=[(1, 3), (4, 6)], keep_tokens=False)
     assert groups_only.nbytes() == (64 + 256) * 2 * 4  # O(groups x res^2)
-    per_step = run(4, per_step=True)
-    assert per_step.nbytes() == 4 * long.nbytes() and per_step.timesteps == [999, 998, 997, 996]
-    assert per_step.token_maps()[8].shape == (4, 1, 77, 8, 8)
+    per_step = run(3, per_step=True)
+    assert per_step.nbytes() == 3 * long.nbytes() and per_step.timesteps == [999, 998, 997]
+    assert per_step.token_maps()[8].shape == (3, 1, 77, 8, 8)
     # the averaged maps are the mean of the per-step ones
-    every = run(4)
+    every = run(3)
     torch.testing.assert_close(every.token_maps()[8][0], per_step.token_maps()[8].mean(0))
 
 
@@ -228,3 +228,30 @@ def test_cli_generate_writes_image_and_documented_maps(tmp_path, monkeypatch, ca
     monkeypatch.setattr(models, "TOY_MODEL_DIR", tmp_path / "no_toy")
     assert main(["generate", "--prompt", "red hair", "--out", str(out / "x.png")]) == 2
     assert "no trained toy model" in capsys.readouterr().err
+
+
+def test_asking_for_a_resolution_the_unet_lacks_is_explained(unet):
+    x, c = _inputs(batch=1)
+    with torch.no_grad(), A.capture_cross_attention(unet, "inference", resolutions=(32,)) as s:
+        unet(x, 1, c)
+    with pytest.raises(ValueError, match=r"ran at \[8, 16\]"):
+        s.token_maps()
+
+
+def test_mass_in_masks_of_a_result_with_a_real_mask_set():
+    from cosmiclite.masks import mask_set
+    from cosmiclite.toyworld import render
+    person = render(0)
+    ms = mask_set(person.parsing, sizes=(8, 16))
+    names = list(ms.names)
+    hair, tops = ms.masks[16][names.index("hair")], ms.masks[16][names.index("tops")]
+    on_hair = hair / hair.sum()                      # a map exactly on the hair mask
+    uniform = torch.full((16, 16), 1 / 256)
+    gm = {16: torch.stack([on_hair, uniform, on_hair], 0)[None], 8: torch.full((1, 3, 8, 8), 1 / 64)}
+    r = A.AttentionResult("p", [], [("hair", (1, 2)), ("tops", (2, 3)), ("other", (3, 4))], [1.0], {}, gm)
+    mass = r.mass_in_masks(ms)
+    assert set(mass[16]) == {"hair", "tops"}  # "other" has no mask
+    expected_hair = (on_hair * hair).sum()     # masks are soft at the borders: mass-weighted mask value
+    torch.testing.assert_close(mass[16]["hair"], expected_hair[None])
+    torch.testing.assert_close(mass[16]["tops"], tops.mean()[None])  # uniform map: the mask's mean
+    assert mass[16]["hair"].item() > 0.5 and mass[16]["hair"] > mass[8]["hair"]
