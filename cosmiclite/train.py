@@ -940,7 +940,7 @@ class Trainer:
         total = max_steps or cfg.run.max_steps
         if resume:
             self.resume()
-        elif self.acc.is_main_process and latest_checkpoint(self.output) is not None:
+        elif latest_checkpoint(self.output) is not None:     # every rank raises (no rank left waiting in a barrier)
             raise FileExistsError(f"{self.output} already holds checkpoints: pass --resume to continue that run, "
                                   "or choose another --output")
         self._write_config()
