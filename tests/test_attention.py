@@ -8,6 +8,15 @@ from cosmiclite import attention as A
 from cosmiclite import models
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny UNets: one torch thread is faster than two, far faster when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unet():
     return models.build_unet("tiny-sd15", seed=0).eval()  # cross-attention at 16x16 and 8x8, 2 heads

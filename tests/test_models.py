@@ -5,6 +5,15 @@ import torch
 from cosmiclite import models
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny UNets: one torch thread is faster than two, far faster when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_toy_components_build_and_forward_shapes():
     c = models.toy_components(seed=0)
     assert set(c) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
