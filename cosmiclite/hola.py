@@ -43,7 +43,8 @@ from typing import Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HolaConfig", "HolaTerms", "hola_loss", "hola_terms", "token_membership", "daring_loss"]
+__all__ = ["HolaConfig", "HolaTerms", "hola_loss", "hola_terms", "token_membership", "daring_loss", "normalize_maps",
+           "Eq3Bracket", "hola_table", "fit_maps_to_masks", "plot_hola_terms"]
 
 Maps = Mapping[int, "torch.Tensor | Sequence[torch.Tensor]"]
 
@@ -268,6 +269,29 @@ class Eq3Bracket(torch.autograd.Function):
         return grad, None, None, None
 
 
+def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, area: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """Rescale each token map m_j (over pixels, per layer and head) before Eq. 3 compares it with its mask.
+
+    A: (B, heads, P, T) maps. mode "none": the raw softmax shares (CosmicMan). "max": m_j / max_p m_j, so every
+    map peaks at 1 like a mask does. "sum": m_j · (Σ_p h_i / Σ_p m_j), the mass of its group's mask (needs S, the
+    (B, G, T) token-in-group weights, and area, the (B, G) mask areas Σ_p h_i); tokens in no group become 0.
+    Why it matters: at every pixel the 77 raw maps sum to 1, so where several tokens' targets are 1 they must share,
+    and no raw map reaches a 0/1 mask; rescaling lifts that ceiling (and lets the loss ignore how much
+    attention a token takes overall, only where).
+    """
+    if mode == "none":
+        return A
+    if mode == "max":
+        return A / A.amax(2, keepdim=True).clamp_min(eps)
+    if mode == "sum":
+        if S is None or area is None:
+            raise ValueError("normalize_maps(mode='sum') needs S (B, G, T) and area (B, G): the target mass per token")
+        target_mass = torch.einsum("bgt,bg->bt", S.to(A.dtype), area.to(A.dtype))   # Σ_p h_i of token j's group
+        return A * (target_mass[:, None, None, :] / A.sum(2, keepdim=True).clamp_min(eps))
+    raise ValueError(f"normalize={mode!r}: choose one of {_CHOICES['normalize']}")
+
+
 def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
                config: HolaConfig | None = None, *, image_size: int | None = None,
                keep: torch.Tensor | None = None) -> HolaTerms:
@@ -325,11 +349,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
                 A = A.mean(1, keepdim=True)
             H = A.shape[1]
             # m_j, optionally rescaled (per layer, head, token), before both terms of Eq. 3.
-            if cfg.normalize == "max":
-                A = A / A.amax(2, keepdim=True).clamp_min(cfg.eps)
-            elif cfg.normalize == "sum":
-                target_mass = torch.einsum("bgt,bg->bt", S, area)      # Σ_p h_i of token j's group
-                A = A * (target_mass[:, None, None, :] / A.sum(2, keepdim=True).clamp_min(cfg.eps))
+            A = normalize_maps(A, cfg.normalize, S, area, cfg.eps)
 
             # Eq. 3's bracket per (sample, head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums.
             e_tok, e_grp = Eq3Bracket.apply(A, h, S, n)                # (B,H,G) each
@@ -371,3 +391,145 @@ def hola_loss(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor]
 def daring_loss(noise_loss: torch.Tensor, hola: torch.Tensor, config: HolaConfig) -> torch.Tensor:
     """Eq. 4: L = α · L_noise + β · L_HOLA."""
     return config.alpha * noise_loss + config.beta * hola
+
+
+# ------------------------------------------------------------------------------------------ teaching helpers
+# What notebook 05 shows: the numbers inside Eq. 3 for one sample, maps moved onto masks by HOLA alone, a figure.
+
+def _sample_maps(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+                 cfg: HolaConfig, res: int, sample: int):
+    """One sample's maps as the loss sees them at `res`: (layers·heads, P, T) after head averaging and
+    normalisation, with its masks (G, P), the groups that count (G,) and their mask areas (G,)."""
+    layers = [x[sample:sample + 1].detach().float() for x in _layers(maps[res], res)]
+    if cfg.heads == "mean":
+        layers = [x.mean(1, keepdim=True) for x in layers]
+    A = torch.cat([x[0] for x in layers])                             # (LH, P, T)
+    T, P, G = A.shape[-1], res * res, spans.shape[1]
+    h = _masks_at(masks, res, cfg.mask_resize)[sample].float().reshape(G, P)
+    area = h.sum(-1)
+    W = token_membership(spans[sample:sample + 1], T)[0]              # (G, T)
+    valid = present[sample].bool() & W.any(-1)
+    if cfg.empty_masks == "skip":
+        valid = valid & (area > cfg.eps)
+    S = (W & valid[:, None]).float()
+    A = normalize_maps(A[:, None], cfg.normalize, S[None], area[None], cfg.eps)[:, 0]
+    return A, h, valid, area
+
+
+def hola_table(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+               config: HolaConfig | None = None, *, res: int | None = None, sample: int = 0,
+               names: Sequence[str] | None = None, tokens: Sequence[str] | None = None) -> list[dict]:
+    """The numbers inside Eq. 3 for one sample, one row per group: each token's ‖m_j − h_i‖², their sum (the
+    first term), the group-mean term ‖m̄_i − h_i‖², the bracket, and whether the group counts in the loss.
+
+    Values follow the config (normalisation, pixel mean or sum) and are averaged over the layers and heads at
+    `res` (default: the largest captured side). With one layer and one head, "pooled" L_HOLA is
+    (Σ first terms + Σ second terms) / (tokens + groups) over the rows that count, and "eq3" is the mean bracket.
+    """
+    cfg = config or HolaConfig(resolutions="all")
+    res = res if res is not None else max(maps)
+    A, h, valid, area = _sample_maps(maps, spans, masks, present, cfg, res, sample)   # (LH, P, T), (G, P)
+    P, G = res * res, spans.shape[1]
+    red = (lambda x: x.mean(-1)) if cfg.pixel_reduction == "mean" else (lambda x: x.sum(-1))   # over pixels
+    rows = []
+    for i in range(G):
+        s, e = (int(v) for v in spans[sample, i])
+        if s < 0:
+            continue
+        m = A[:, :, s:e].permute(0, 2, 1)                             # (LH, n_i, P) the group's token maps
+        per_token = red((m - h[i]) ** 2).mean(0)                      # ‖m_j − h_i‖², mean over layers/heads
+        second = red((m.mean(1) - h[i]) ** 2).mean(0)                 # ‖m̄_i − h_i‖²
+        first = per_token.sum()
+        words = [tokens[j] if tokens is not None else str(j) for j in range(s, e)]
+        rows.append({"group": names[i] if names is not None else i, "span": (s, e), "tokens": " ".join(words),
+                     "per-token ‖m_j−h_i‖²": " ".join(f"{v:.3f}" for v in per_token.tolist()),
+                     "first term Σ_j": round(float(first), 4), "second term ‖m̄_i−h_i‖²": round(float(second), 4),
+                     "bracket": round(float(first + second), 4), "mask area": round(float(area[i]) / P, 3),
+                     "counts": bool(valid[i])})
+    return rows
+
+
+def fit_maps_to_masks(spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+                      config: HolaConfig | None = None, *, num_tokens: int = 77, heads: int = 1, steps: int = 200,
+                      lr: float = 0.1, seed: int = 0) -> dict:
+    """HOLA alone, on free maps: gradient descent (Adam) on attention logits, maps = softmax over the tokens.
+
+    What HOLA does to a UNet's cross-attention with the UNet taken away: the maps of each group's tokens move
+    onto the group's mask, as far as the softmax allows (the T maps share each pixel's unit of attention).
+    masks {side: (B, G, side, side)} (one side); returns {"initial": maps, "final": maps ({side: (B, heads,
+    side², T)}), "losses": [L_HOLA per step]}.
+    """
+    cfg = config or HolaConfig(resolutions="all", drop_prob=0.0)
+    if len(masks) != 1:
+        raise ValueError(f"fit_maps_to_masks takes masks at one side, got sides {sorted(masks)}")
+    (res, m), = masks.items()
+    B = m.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    logits = (0.1 * torch.randn(B, heads, res * res, num_tokens, generator=g)).requires_grad_()
+    opt = torch.optim.Adam([logits], lr=lr)
+    initial = {res: logits.detach().softmax(-1)}
+    losses = []
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(steps), desc="descent on L_HOLA", leave=False):
+        loss = hola_loss({res: logits.softmax(-1)}, spans, masks, present, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"initial": initial, "final": {res: logits.detach().softmax(-1)}, "losses": losses}
+
+
+def plot_hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
+                    config: HolaConfig | None = None, *, res: int | None = None, sample: int = 0,
+                    names: Sequence[str] | None = None, tokens: Sequence[str] | None = None, image=None,
+                    groups: Sequence[int | str] | None = None, max_tokens: int = 6, vmax: float | None = 1.0,
+                    title: str | None = None):
+    """One row per group i: its mask h_i (over `image` if given), its token maps m_j, and their mean m̄_i — each
+    panel titled with its term of Eq. 3 (‖m_j − h_i‖², ‖m̄_i − h_i‖², config's pixel reduction), maps averaged
+    over layers and heads at `res`. vmax=1 draws maps on the masks' 0..1 scale, so weak raw softmax maps look
+    weak (None: each panel on its own scale); with normalize "max"/"sum" the maps are drawn rescaled, as compared.
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cfg = config or HolaConfig(resolutions="all")
+    res = res if res is not None else max(maps)
+    rows = hola_table(maps, spans, masks, present, cfg, res=res, sample=sample, names=names, tokens=tokens)
+    if groups is not None:
+        rows = [r for k, r in enumerate(rows) if r["group"] in groups or k in groups]
+    if not rows:
+        raise ValueError("no group of this sample has a span in the caption: nothing to draw")
+    A, h, _, _ = _sample_maps(maps, spans, masks, present, cfg, res, sample)
+    A = A.mean(0)                                                     # (P, T), mean over layers and heads
+    gi = {(names[i] if names is not None else i): i for i in range(spans.shape[1])}
+    h = h.reshape(-1, res, res)
+    ncol = 2 + min(max_tokens, max(r["span"][1] - r["span"][0] for r in rows))
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.55 * ncol, 1.9 * len(rows) + 0.4), squeeze=False)
+    for r, row in enumerate(rows):
+        i, (s, e) = gi[row["group"]], row["span"]
+        mask = h[i].numpy()
+        ax = axes[r, 0]
+        if image is not None:
+            up = np.kron(mask, np.ones((image.shape[0] // res, image.shape[1] // res)))
+            ax.imshow(image)
+            ax.imshow(up, cmap="gray", alpha=0.6, vmin=0, vmax=1)
+        else:
+            ax.imshow(mask, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"h: {row['group']}" + ("" if row["counts"] else "\n(not counted)"), fontsize=8)
+        errs = row["per-token ‖m_j−h_i‖²"].split()
+        for c, j in enumerate(range(s, min(e, s + max_tokens)), start=1):
+            axes[r, c].imshow(A[:, j].reshape(res, res).numpy(), cmap="magma", vmin=0, vmax=vmax)
+            word = tokens[j] if tokens is not None else f"token {j}"
+            axes[r, c].set_title(f"{word}\n‖m−h‖²={float(errs[j - s]):.3f}", fontsize=7)
+        m_bar = A[:, s:e].mean(-1).reshape(res, res).numpy()
+        axes[r, -1].imshow(m_bar, cmap="magma", vmin=0, vmax=vmax)
+        axes[r, -1].set_title(f"mean m̄\n‖m̄−h‖²={row['second term ‖m̄_i−h_i‖²']:.3f}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+            if not ax.images:
+                ax.axis("off")
+    fig.suptitle(title or f"Eq. 3 terms at {res}x{res} (normalize={cfg.normalize}, pixel {cfg.pixel_reduction})",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -208,3 +208,41 @@ def test_loss_saves_no_full_size_tensor_for_backward():
     map_bytes = maps[16][0].numel() * 4
     assert max(saved.values()) < map_bytes / 8, (max(saved.values()), map_bytes)
     assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in maps[16])
+
+
+def test_hola_table_gives_the_hand_worked_terms():
+    from cosmiclite.hola import hola_table
+    rows = hola_table(*hand_example(), HolaConfig(resolutions="all"), names=["top", "hair"], tokens=list("SABC"))
+    assert [r["group"] for r in rows] == ["top", "hair"] and rows[0]["tokens"] == "A B"
+    assert rows[0]["per-token ‖m_j−h_i‖²"] == "0.250 0.125"                  # 1/4, 1/8 (docstring of hand_example)
+    assert rows[0]["second term ‖m̄_i−h_i‖²"] == pytest.approx(5 / 32, abs=1e-4)
+    pooled = sum(r["first term Σ_j"] + r["second term ‖m̄_i−h_i‖²"] for r in rows) / (3 + 2)
+    assert pooled == pytest.approx(hola_loss(*hand_example(), HolaConfig(resolutions="all")).item(), abs=1e-4)
+    summed = hola_table(*hand_example(), HolaConfig(resolutions="all", pixel_reduction="sum"))
+    assert summed[0]["first term Σ_j"] == pytest.approx(1.5)                # 1 + 1/2
+    maps, spans, masks, _ = hand_example()
+    assert not hola_table(maps, spans, masks, torch.tensor([[True, False]]))[1]["counts"]
+
+
+def test_fit_maps_to_masks_moves_maps_onto_masks():
+    from cosmiclite.attention import mass_in_mask
+    from cosmiclite.hola import fit_maps_to_masks
+    _, spans, masks, present = hand_example()
+    fit = fit_maps_to_masks(spans, masks, present, num_tokens=4, steps=60, lr=0.2)
+    assert fit["losses"][-1] < 0.5 * fit["losses"][0]
+    for key, low, high in (("initial", 0.0, 0.6), ("final", 0.9, 1.0)):
+        m = fit[key][2][0, 0]                                               # (P=4, T=4)
+        group_maps = torch.stack([m[:, 1:3].mean(-1), m[:, 3]]).reshape(2, 2, 2)
+        share = mass_in_mask(group_maps, masks[2][0])                       # attention mass inside each mask
+        assert ((share >= low) & (share <= high)).all(), (key, share)
+
+
+def test_plot_hola_terms_draws_one_row_per_group():
+    import matplotlib
+    matplotlib.use("Agg")
+    from cosmiclite.hola import plot_hola_terms
+    fig = plot_hola_terms(*hand_example(), HolaConfig(resolutions="all"), names=["top", "hair"])
+    assert len(fig.axes) == 2 * 4                                           # mask, 2 token maps, the mean
+    assert "0.156" in fig.axes[3].get_title()                               # ‖m̄_0 − h_0‖² = 5/32
+    with pytest.raises(ValueError, match="nothing to draw"):
+        plot_hola_terms(hand_example()[0], torch.full((1, 2, 2), -1), *hand_example()[2:])
