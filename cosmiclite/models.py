@@ -337,7 +337,8 @@ def load_toy_pipeline(folder: str | Path | None = None, device=None):
             f"toy model: no trained toy model at {folder} (model_index.json missing). Train one with the kit's "
             f"training code (`cosmiclite.train`, see the README), which writes it there, or pass --model PATH to "
             f"a pipeline folder (e.g. one written by cosmiclite.models.save_pipeline(toy_components(), PATH)).")
-    return load_pipeline(folder, device=device)
+    # fp32 compute: the frozen toy text encoder is stored in fp16 to keep the shipped model small
+    return load_pipeline(folder, torch_dtype=torch.float32, device=device)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
