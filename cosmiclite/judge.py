@@ -102,7 +102,7 @@ def as_batch(images: Any, size: int) -> torch.Tensor:
                 images = images[None]
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"a uint8 image must be (H, W, 3) or (B, H, W, 3) RGB; got shape {images.shape}")
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+            x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 255.0
         else:
             x = torch.from_numpy(np.asarray(images, dtype=np.float32))
     else:
@@ -185,9 +185,10 @@ class JudgeNet(nn.Module):
     Each region gets z = ReLU(W[h, pooled, log-area]); each question's head reads its region's z.
 
     Why: a colour, pattern or length answer is then nearly a linear read-out of one pooled region,
-    wherever the person stands and however large they are, which is what lets it train in minutes on
-    a CPU; a plain global-pooling or flatten-then-MLP judge trained ~4x slower here and missed small
-    parts (belts, bags, hats) entirely.
+    wherever the person stands and however large they are. Measured here (800 steps of batch 64, same
+    data, seeds 0..999): a flatten-then-MLP judge reached Acc_all 0.58, this one 0.77.
+    But: small parts of full-body shots (belt, bag, shoes: a few pixels at 64x64) are still read
+    poorly after the shipped ~1,400 steps; see info.heldout in judge.json for every question.
     """
 
     def __init__(self, cfg: JudgeConfig):
@@ -247,9 +248,12 @@ class CNNJudge(Judge):
         out = []
         for i in range(n):
             a = {q: self.cfg.heads[q][idx[q][i]] for q in self.questions}
-            for q in self.questions:  # protocol order: parents come before their children
-                if not self.protocol.applies(self.protocol.question(q), a):
-                    a[q] = NOT_APPLICABLE
+            changed = True
+            while changed:  # until no child is left whose parent the judge denies (chains: bottoms -> skirt)
+                changed = False
+                for q in self.questions:
+                    if a[q] != NOT_APPLICABLE and not self.protocol.applies(self.protocol.question(q), a):
+                        a[q], changed = NOT_APPLICABLE, True
             out.append(a)
         return out
 
