@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cosmiclite.train import global_batch, latest_checkpoint, memory_estimate, train
+from cosmiclite.train import ConfigError, global_batch, latest_checkpoint, load_config, memory_estimate, train
 
 B = 2            # per-process batch of the 2-process run
 STEPS = 4
@@ -141,3 +141,14 @@ def test_global_batch_and_memory_estimate():
         memory_estimate(P, 8, "fsdp")
     with pytest.raises(ValueError, match="mode="):
         memory_estimate(P, 8, "zero3")
+
+
+def test_ema_config_errors(tmp_path):
+    cfg = config(tmp_path)
+    load_config(cfg)
+    with pytest.raises(ConfigError, match="ema is set but only the full fine-tune"):
+        load_config({**cfg, "lora": {"rank": 4}})
+    with pytest.raises(ConfigError, match="ema.decay"):
+        load_config({**cfg, "ema": {"decay": 1.5}})
+    with pytest.raises(ConfigError, match=r"config.ema: unknown key\(s\) \['decey'\]"):
+        load_config({**cfg, "ema": {"decey": 0.9}})
