@@ -163,3 +163,34 @@ def test_end_to_end_with_the_shipped_cnn_judge():
     kind = load_protocol().question("bottoms_type").kind
     assert rs.by_kind[kind] < base[kind]
     assert all(rs.by_kind[k] == base[k] for k in base if k != kind)
+
+
+def test_alignment_aggregates_by_group_with_area_as_the_uniform_level():
+    from cosmiclite.metrics import Alignment
+    a = Alignment([{"group": "hair", "mass": 0.5, "area": 0.1}, {"group": "hair", "mass": 0.3, "area": 0.1},
+                   {"group": "tops", "mass": 0.2, "area": 0.4}])
+    g = a.by_group()
+    assert g["hair"]["mass"] == pytest.approx(0.4) and g["hair"]["lift"] == pytest.approx(4.0)
+    assert g["tops"]["lift"] == pytest.approx(0.5) and g["tops"]["n"] == 1
+    assert a.mean_mass == pytest.approx(0.3)   # groups weigh the same, whatever their row counts
+
+
+def test_attention_alignment_measures_every_present_group_of_every_person():
+    import torch
+    from cosmiclite import toyworld
+    from cosmiclite.masks import mask_set
+    from cosmiclite.metrics import attention_alignment
+    from cosmiclite.models import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("toy")
+    people = [toyworld.render(20_000_000 + i) for i in range(3)]
+    a = attention_alignment(pipe, people, timesteps=(300, 700), resolutions=(8, 16), batch=2)
+    assert {r["res"] for r in a.rows} == {8, 16} and {r["t"] for r in a.rows} == {300, 700}
+    for k, p in enumerate(people):
+        ms = mask_set(p.parsing, sizes=(16,))
+        rows = [r for r in a.rows if r["person"] == k and r["res"] == 16 and r["t"] == 300]
+        for r in rows:   # each row's area is that group's mask, and mass is a fraction
+            assert r["area"] == pytest.approx(float(ms.mask(r["group"], 16).mean()))
+            assert 0.0 <= r["mass"] <= 1.0 + 1e-6
+        assert rows and "body" in {r["group"] for r in rows}
