@@ -86,6 +86,18 @@ class SemanticAccuracy:
     def by_kind(self) -> dict[str, float]:
         return {"object": self.acc_obj, "texture": self.acc_tex, "shape": self.acc_shape}
 
+    @property
+    def chance(self) -> dict[str, float]:
+        """What uniform guessing would score, weighted as the accuracies are: per kind the asked-weighted mean
+        of 1/|answers| ("object", "texture", "shape"), and "all" their mean (as Acc_all)."""
+        out = {}
+        for k in KINDS:
+            qs = [q for q in self.questions if q.kind == k]
+            n = sum(q.asked for q in qs)
+            out[k] = sum(q.chance_uniform * q.asked for q in qs) / n if n else float("nan")
+        out["all"] = sum(out[k] for k in KINDS) / len(KINDS)
+        return out
+
     def question(self, qid: str) -> QuestionScore:
         for q in self.questions:
             if q.id == qid:
@@ -98,7 +110,7 @@ class SemanticAccuracy:
                 "acc_all": self.acc_all, "acc_pooled": self.acc_pooled, "n_images": self.n_images,
                 "asked": dict(self.asked), "correct": dict(self.correct), "parents": self.parents,
                 "questions": [q.to_dict() for q in self.questions],
-                "per_image": list(self.per_image), "not_judged": dict(self.not_judged)}
+                "per_image": list(self.per_image), "not_judged": dict(self.not_judged), "chance": self.chance}
 
     def table(self) -> str:
         """A readable per-question table, then the summary lines (percentages)."""

@@ -194,3 +194,16 @@ def test_attention_alignment_measures_every_present_group_of_every_person():
             assert r["area"] == pytest.approx(float(ms.mask(r["group"], 16).mean()))
             assert 0.0 <= r["mass"] <= 1.0 + 1e-6
         assert rows and "body" in {r["group"] for r in rows}
+
+
+def test_chance_is_the_asked_weighted_uniform_guess_per_kind():
+    from cosmiclite import load_protocol
+    from cosmiclite.metrics import semantic_accuracy
+    refs = [{"top_color": "red", "wear_top": "yes"}, {"top_color": "blue", "wear_top": "yes"},
+            {"hair_length": "short"}]
+    r = semantic_accuracy(refs, refs)
+    p = load_protocol()
+    assert r.chance["texture"] == pytest.approx(1 / len(p.question("top_color").answers))
+    assert r.chance["object"] == pytest.approx(1 / 2)           # wear_top: yes / no
+    assert r.chance["shape"] == pytest.approx(1 / len(p.question("hair_length").answers))
+    assert r.chance["all"] == pytest.approx((r.chance["texture"] + 0.5 + r.chance["shape"]) / 3)
