@@ -10,6 +10,7 @@
                                                  an image and its cross-attention maps (Sec. 4.1, 4.3)
     cosmiclite train --config FILE               Daring training (Eq. 4), LoRA or full; the toy base model
     cosmiclite export-lora DIR --out FILE        a trained LoRA in kohya's format
+    cosmiclite export-pipeline RUN --out DIR     a full fine-tune's checkpoint as a pipeline folder
     cosmiclite demo [--out DIR]                  the main job: the whole story on the toy world, with a report
 
 `--json` prints the machine-readable contract (documented in README.md); without it the output is for
@@ -253,6 +254,15 @@ def cmd_export_lora(args) -> int:
     return 0
 
 
+def cmd_export_pipeline(args) -> int:
+    """A full fine-tune's checkpoint (newest, or --step) as a diffusers pipeline folder."""
+    from .train import export_pipeline
+
+    folder = export_pipeline(args.run_dir, args.out, step=args.step)
+    print(f"wrote {folder} (load it with cosmiclite.models.load_pipeline or --model)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The main job: data -> captions -> attention -> LoRA with and without HOLA -> report (cosmiclite.demo)."""
     from .demo import DemoConfig, run_demo
@@ -355,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="kohya", choices=["kohya"], help="target format (default kohya)")
     s.add_argument("--out", required=True, help="the .safetensors file to write")
     s.set_defaults(run=cmd_export_lora)
+
+    s = sub.add_parser("export-pipeline", help="a full fine-tune's checkpoint as a diffusers pipeline folder")
+    s.add_argument("run_dir", help="the training run's --output folder")
+    s.add_argument("--out", required=True, help="the pipeline folder to write")
+    s.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest complete one)")
+    s.set_defaults(run=cmd_export_pipeline)
 
     s = sub.add_parser("demo", help="the main job: the whole story on the toy world (data, attention, LoRA "
                                     "with/without HOLA, accuracy) into a report folder, in minutes on a CPU")

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from .hola import HolaConfig, hola_terms
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "train", "export_lora", "save_lora", "latest_checkpoint",
+           "load_components", "save_full_pipeline", "export_pipeline",
            "Trainer", "TrainData", "global_batch", "memory_estimate", "MemoryEstimate", "fsdp_unit_params",
            "activation_estimate", "memory_table", "main"]
 
@@ -583,6 +584,86 @@ def latest_checkpoint(output: str | Path) -> tuple[int, Path] | None:
     return cps[-1] if cps else None
 
 
+def load_components(cfg: TrainConfig) -> dict:
+    """The model components a config starts from, on the CPU in fp32 (`stage: vae`: the VAE alone).
+
+    `model.pretrained` null builds `model.arch` with seeded random weights; "toy" loads the shipped toy model;
+    anything else goes to `models.load_pipeline`. `model.vae` swaps in a trained AutoencoderKL, and
+    `model.text_encoder_fp16` rounds the frozen text encoder(s) to the fp16 values that will be saved.
+    """
+    from . import models
+    m = cfg.model
+    if cfg.stage == "vae":
+        return {"vae": models.build_vae(m.arch, m.init_seed)}
+    if m.pretrained is None:
+        comps = models.build_components(m.arch, m.init_seed)
+    elif m.pretrained == "toy":
+        if not (models.TOY_MODEL_DIR / "model_index.json").is_file():
+            models.load_toy_pipeline()  # raises WeightsNotFoundError saying how to make the toy model
+        comps = dict(models.load_pipeline(models.TOY_MODEL_DIR, torch_dtype=torch.float32).components)
+    else:
+        comps = dict(models.load_pipeline(m.pretrained, torch_dtype=torch.float32).components)
+    if m.text_encoder_fp16:
+        for k in ("text_encoder", "text_encoder_2"):
+            if k in comps:
+                comps[k].half().float()   # round to what will be saved
+    if m.vae is not None:
+        from diffusers import AutoencoderKL
+        vae_dir = Path(m.vae).expanduser()
+        if not (vae_dir / "config.json").is_file():
+            raise ConfigError(f"model.vae={m.vae!r} holds no AutoencoderKL (config.json missing): train one "
+                              "with a `stage: vae` config first (it writes OUTPUT/vae)")
+        comps["vae"] = AutoencoderKL.from_pretrained(vae_dir)
+    return {k: v for k, v in comps.items() if v is not None}
+
+
+def save_full_pipeline(cfg: TrainConfig, components: dict, unet, folder: str | Path) -> Path:
+    """A full fine-tune's UNet with the run's other components as a diffusers pipeline folder, with the run's
+    config beside it as train_config.yaml (the text encoders in fp16 when `model.text_encoder_fp16`)."""
+    import copy
+
+    import yaml
+
+    from .models import save_pipeline
+    comps = dict(components)
+    comps["unet"] = unet
+    if cfg.model.text_encoder_fp16:
+        for k in ("text_encoder", "text_encoder_2"):
+            if k in comps:
+                comps[k] = copy.deepcopy(comps[k]).half()
+    folder = save_pipeline(comps, folder)
+    (folder / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return folder
+
+
+def export_pipeline(run: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """A full fine-tune checkpoint (the newest, or `step`) as a diffusers pipeline folder at `out`.
+
+    What the run itself writes to OUTPUT/pipeline when it ends, taken from any complete checkpoint: to use a
+    model before its run is over, or one from the middle of it. The EMA weights are used when the checkpoint
+    holds them. The checkpoint's own config (trainer_state.json) says how to rebuild the other components.
+    """
+    from safetensors.torch import load_file
+    cps = list_checkpoints(Path(run))
+    if not cps:
+        raise FileNotFoundError(f"{run}: no complete checkpoint under {run}/checkpoints (a training run's --output)")
+    chosen = [c for c in cps if step is None or c[0] == step]
+    if not chosen:
+        raise ValueError(f"{run}: no complete checkpoint at step {step}; there are: {[s for s, _ in cps]}")
+    at, ckpt = chosen[-1]
+    cfg = load_config(json.loads((ckpt / "trainer_state.json").read_text())["config"])
+    if cfg.stage != "unet" or cfg.lora is not None:
+        raise ConfigError(f"{ckpt} is from a {'LoRA' if cfg.lora else cfg.stage} run: only full UNet fine-tunes "
+                          "export as a pipeline (a LoRA run's OUTPUT/lora loads with pipe.load_lora_weights)")
+    comps = load_components(cfg)
+    weights = ckpt / "ema_unet.safetensors"
+    weights = weights if weights.is_file() else ckpt / "model.safetensors"
+    comps["unet"].load_state_dict(load_file(str(weights)))
+    folder = save_full_pipeline(cfg, comps, comps["unet"], out)
+    (folder / "checkpoint.json").write_text(json.dumps({"run": str(run), "step": at, "weights": weights.name}))
+    return folder
+
+
 # ----------------------------------------------------------------------------------------------- the trainer
 
 def _text_embeddings(components: dict, input_ids: torch.Tensor, image_size: int, device, dtype):
@@ -672,36 +753,16 @@ class Trainer:
 
     # ---- models
     def _load_components(self) -> dict:
-        from . import models
-        m = self.cfg.model
+        comps = load_components(self.cfg)
         if self.cfg.stage == "vae":
-            return {"vae": models.build_vae(m.arch, m.init_seed)}
-        if m.pretrained is None:
-            comps = models.build_components(m.arch, m.init_seed)
-        elif m.pretrained == "toy":
-            if not (models.TOY_MODEL_DIR / "model_index.json").is_file():
-                models.load_toy_pipeline()  # raises WeightsNotFoundError saying how to make the toy model
-            comps = dict(models.load_pipeline(models.TOY_MODEL_DIR, torch_dtype=torch.float32).components)
-        else:
-            comps = dict(models.load_pipeline(m.pretrained, torch_dtype=torch.float32).components)
-        if m.text_encoder_fp16:
-            for k in ("text_encoder", "text_encoder_2"):
-                if k in comps:
-                    comps[k].half().float()   # round to what will be saved
-        if m.vae is not None:
-            from diffusers import AutoencoderKL
-            vae_dir = Path(m.vae).expanduser()
-            if not (vae_dir / "config.json").is_file():
-                raise ConfigError(f"model.vae={m.vae!r} holds no AutoencoderKL (config.json missing): train one "
-                                  "with a `stage: vae` config first (it writes OUTPUT/vae)")
-            comps["vae"] = AutoencoderKL.from_pretrained(vae_dir)
-        comps = {k: v for k, v in comps.items() if v is not None}
+            return comps
         dev = self.acc.device
         for k in ("vae", "text_encoder", "text_encoder_2"):
             if k in comps:
                 comps[k].requires_grad_(False).eval().to(dev)
                 if self.weight_dtype != torch.float32 and not (k == "vae" and dev.type == "cpu"):
                     comps[k].to(dtype=self.weight_dtype)
+        from . import models
         self.noise_scheduler = models.training_scheduler(comps["scheduler"])
         return comps
 
@@ -1029,19 +1090,10 @@ class Trainer:
         elif self.cfg.lora is not None:
             save_lora(model, self.output / "lora", self.cfg.lora, sdxl="text_encoder_2" in self.components)
         else:
-            import copy
-            from .models import save_pipeline
-            comps = dict(self.components)
-            comps["unet"] = model
             if self.ema is not None:   # training is over: the UNet takes the EMA weights for good
                 model.save_pretrained(self.output / "unet_raw", safe_serialization=True)
                 self.ema.copy_to(model.parameters())
-            if self.cfg.model.text_encoder_fp16:
-                for k in ("text_encoder", "text_encoder_2"):
-                    if k in comps:
-                        comps[k] = copy.deepcopy(comps[k]).half()
-            folder = save_pipeline(comps, self.output / "pipeline")
-            shutil.copy(self.output / "config.yaml", folder / "train_config.yaml")   # how it was made
+            save_full_pipeline(self.cfg, self.components, model, self.output / "pipeline")
 
     @contextmanager
     def _ema_weights(self, model):

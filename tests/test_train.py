@@ -180,3 +180,26 @@ def test_lora_loads_in_stock_pipeline_and_kohya_export(lora_run, tmp_path):
     pipe2 = build_pipeline("tiny-sd15", seed=0)
     pipe2.load_lora_weights(str(kohya))
     np.testing.assert_allclose(_image(pipe2), with_lora, atol=1e-4)
+
+
+def test_export_pipeline_from_a_full_fine_tune_checkpoint(tmp_path):
+    """A mid-run checkpoint exports as a pipeline whose UNet holds that step's weights, and which generates."""
+    from cosmiclite.models import load_pipeline
+    from cosmiclite.train import export_pipeline, train
+
+    out = tmp_path / "full"
+    train(tiny(out, lora=None, **{"hola.beta": 0.0, "run.max_steps": 2, "run.checkpoint_every": 1,
+                                  "run.keep_checkpoints": 2}))
+    with pytest.raises(ValueError, match="no complete checkpoint at step 7"):
+        export_pipeline(out, tmp_path / "nope", step=7)
+    folder = export_pipeline(out, tmp_path / "step1", step=1)
+    pipe = load_pipeline(folder, torch_dtype=torch.float32)
+    saved = _weights(out / "checkpoints" / "checkpoint-1" / "model.safetensors")
+    mine = pipe.unet.state_dict()
+    assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in saved)
+    final = load_pipeline(out / "pipeline", torch_dtype=torch.float32).unet.state_dict()
+    assert any(not torch.equal(final[k], mine[k]) for k in mine)       # step 1 is not step 2
+    assert json.loads((folder / "checkpoint.json").read_text())["step"] == 1
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red t-shirt", num_inference_steps=2, output_type="np").images[0]
+    assert img.shape == (32, 32, 3) and np.isfinite(img).all()
