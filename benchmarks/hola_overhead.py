@@ -121,11 +121,11 @@ class Setup:
             pred = self.unet(zt, self.t, self.states).sample
         noise_loss = F.mse_loss(pred.float(), self.noise)
         if store is None:
-            return noise_loss, {"noise_loss": float(noise_loss)}
+            return noise_loss, {"noise_loss": noise_loss.item()}
         terms = hola_terms(store.maps(), self.spans, self.masks, self.present, self.hola, image_size=self.image_px,
                            keep=self.keep)
         loss = self.hola.alpha * noise_loss + self.hola.beta * terms.loss
-        return loss, {"noise_loss": float(noise_loss), "hola_loss": float(terms.loss)}
+        return loss, {"noise_loss": noise_loss.item(), "hola_loss": terms.loss.item()}
 
     def step(self, store) -> dict:
         loss, logs = self.loss(store)
@@ -230,7 +230,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a short run: fewer repetitions")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="batch size (CPU toy: 8, CUDA SD 1.5: 4)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads (torch.set_num_threads). On a 2-core machine shared with a busy job, 2 threads "
+                         "starve (OpenMP threads wait on each other: one quick run got 15 %% of a core for 20 min); "
+                         "use --threads 1 there")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 15, quick 6)")
     ap.add_argument("--arch", default=None, help="model architecture (CPU: toy, CUDA: sd15)")
     ap.add_argument("--image-px", type=int, default=None, help="image side in pixels (toy 64, sd15 512)")
