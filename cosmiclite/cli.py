@@ -226,7 +226,7 @@ def cmd_dataset_card(args) -> int:
     w, h = card["mean_resolution"]
     print(f"images            {card['images']}  (skipped {card['skipped']}: {card['skip_reasons'] or '-'})")
     print(f"mean resolution   {w:.0f}x{h:.0f}")
-    print(f"shot types        " + ", ".join(f"{k} {v}" for k, v in card["shot_types"].items()))
+    print("shot types        " + ", ".join(f"{k} {v}" for k, v in card["shot_types"].items()))
     print(f"categories        {card['categories']} of {card['categories_in_protocol']} answered")
     print(f"attribute labels  {card['attributes']} ({card['attributes_per_image']} per image)")
     print(f"parsing maps      {card['with_parsing']}, captions {card['with_caption']}")

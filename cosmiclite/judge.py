@@ -24,7 +24,6 @@ same `Judge` interface; the metric does not change.
 from __future__ import annotations
 
 import json
-import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
