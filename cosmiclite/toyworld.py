@@ -13,7 +13,8 @@ How the answers are decided (the honesty rules):
   `WORLD_ANSWERS` lists what the world draws for the others;
 * a part cut off by the frame is "not visible": existence and colour need the part's pixels in frame
   (>= `present_px`), a pattern needs `detail_px` of them, and a length or type needs its end in frame
-  (e.g. the length of full-length pants is "not visible" in a nearly-full-body shot);
+  (e.g. the length of full-length pants is "not visible" in a nearly-full-body shot), and the finest shapes
+  (necklines: `FINE_QUESTIONS`) need a drawing scale of `FINE_PX_PER_UNIT` pixels per body height;
 * everything is a small, flat-coloured, clearly separated shape so that a 64x64 render really shows it.
 
 Left and right follow the person (anatomical convention, as the LIP/ATR labels are used by SCHP, whose
@@ -581,8 +582,8 @@ def _draw_person(cv: _Canvas, w: dict) -> None:
         cv.trapezoid(cv.material(TOP, _shade(COLORS[w["top_color"]])), SHOULDER_Y - 0.005, 0.3, -0.03, 0.03, -0.004, 0.004)
         cv.ellipse(face, 0, SHOULDER_Y - 0.002, 0.022, 0.016)
     if w["wear_belt"] == "yes":
-        cv.rect(cv.material(BELT, COLORS[w["belt_color"]]), -waist_x - 0.008, waist_x + 0.008, WAIST_Y - 0.012,
-                WAIST_Y + 0.014)
+        cv.rect(cv.material(BELT, COLORS[w["belt_color"]]), -waist_x - 0.008, waist_x + 0.008, WAIST_Y - 0.016,
+                WAIST_Y + 0.022)
 
     # 4. arms (sleeves in the garment's material), hands
     sleeve = w.get("sleeve_length") if not dress else w.get("dress_sleeve")
@@ -679,6 +680,10 @@ _GROUP_QUESTIONS = {  # a worn item: its label(s), its questions answered by pix
     "scarf": ((SCARF,), ("wear_scarf", "scarf_color"), (), ()),
     "hair": ((HAIR,), ("hair_color",), (), ("hair_length",)),
 }
+# Shapes a few hundredths of the body tall (necklines): readable from this drawing scale up
+# (pixels per person height; ~55 in a 64-pixel full-body shot, ~105 in an upper-body one).
+FINE_QUESTIONS = frozenset({"collar"})
+FINE_PX_PER_UNIT = 90.0
 # Where an item's absence can be seen: the frame bottom (v_bot) must reach this y.
 _ABSENCE_VISIBLE = {"hat": -1, "eyewear": -1, "top": 0.3, "bottoms": 0.53, "dress": 0.3, "belt": 0.47,
                     "shoes": SOLE_Y, "bag": 0.57, "scarf": 0.3, "hair": -1}
@@ -708,15 +713,18 @@ def _geometry_visible(qid: str, w: dict, v_bot: float) -> bool:
     raise KeyError(qid)
 
 
-def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | None = None) -> Annotation:
+def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | None = None,
+             px_per_unit: float = float("inf")) -> Annotation:
     """Answers for what the frame shows: the latent outfit `w` filtered by the pixels and the crop.
 
-    `v_bot` is the lowest person-unit row in the frame (y = 1 at the soles).
+    `v_bot` is the lowest person-unit row in the frame (y = 1 at the soles); `px_per_unit` is the drawing
+    scale (pixels per person height): the fine shapes in `FINE_QUESTIONS` are read only at `FINE_PX_PER_UNIT`
+    or more (a neckline is 1-2 pixels in a 64-pixel full-body shot).
     """
     protocol = protocol or load_protocol()
     n = parsing.shape[0]
     counts = np.bincount(parsing.ravel(), minlength=18).tolist()
-    present_px = max(3, round(3 * (n / 64) ** 2))
+    present_px = max(6, round(6 * (n / 64) ** 2))
     detail_px = max(20, round(24 * (n / 64) ** 2))
     a = dict(_not_applicable(protocol))
     a["shot_type"], a["scene"], a["background_color"] = w["shot_type"], w["scene"], w["background_color"]
@@ -747,6 +755,9 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
             a[q] = w[q] if px >= detail_px else NOT_VISIBLE
         for q in by_geometry:
             a[q] = w[q] if _geometry_visible(q, w, v_bot) else NOT_VISIBLE
+        for q in FINE_QUESTIONS.intersection(by_pixels + by_geometry):
+            if px_per_unit < FINE_PX_PER_UNIT and a[q] != NOT_VISIBLE:
+                a[q] = NOT_VISIBLE
     return Annotation(a, protocol=protocol)
 
 
@@ -794,7 +805,7 @@ def render(seed: int, size: int = 64, sampling: Sampling | None = None) -> Perso
     background = _background(int(size), w["scene"], w["background_color"], rng)
     _draw_person(cv, w)
     image, parsing = cv.finish(background)
-    ann = annotate(w, parsing, v_bot)
+    ann = annotate(w, parsing, v_bot, px_per_unit=scale)
     return Person(image, parsing, ann, int(seed), w)
 
 

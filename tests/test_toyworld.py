@@ -114,6 +114,21 @@ def test_crops_make_parts_not_visible(people):
         assert a["wear_shoes"] in ("yes", "no") and a["leg_exposure"] != NOT_VISIBLE
 
 
+def test_small_shapes_are_answered_only_when_drawn_large_enough(people):
+    """A neckline is 1-2 px in a 64-px full-body shot: "not visible" there, read at 256 px or close up."""
+    for p in people:
+        a = p.annotation.answers
+        if a["shot_type"] in ("full body", "nearly full body"):
+            assert a["collar"] in (NOT_VISIBLE, NOT_APPLICABLE)
+        for q, labels in COLOR_REGIONS.items():  # a colour is answered only over at least 6 pixels
+            if a[q] not in (NOT_VISIBLE, NOT_APPLICABLE):
+                assert np.isin(p.parsing, labels).sum() >= 6, (p.seed, q)
+    large = [render(s, size=256).annotation.answers for s in range(60)]
+    assert any(a["shot_type"] == "full body" and a["collar"] not in (NOT_VISIBLE, NOT_APPLICABLE) for a in large)
+    assert any(a["shot_type"] == "upper body" and a["collar"] not in (NOT_VISIBLE, NOT_APPLICABLE)
+               for a in (p.annotation.answers for p in people))
+
+
 def test_left_parts_are_the_persons_left_on_the_image_right(people):
     n = 0
     for p in people:
