@@ -2,7 +2,8 @@
 
 Generates one image per held-out toy person (seeds the toy model, the judge and the demo never trained on)
 from its composed caption, asks the toy judge every question the annotation answers, and reports
-Acc_obj/tex/shape/all beside what uniform guessing scores, plus the attention mass inside the masks
+Acc_obj/tex/shape/all beside what uniform guessing scores and what the judge scores on the people's own
+renders (the ceiling a perfect generator would reach), plus the attention mass inside the masks
 (`metrics.attention_alignment`). The "ratio" is Acc_all over chance (> 1: the prompt is followed).
 
     python benchmarks/toy_model_quality.py [--quick] [--model DIR]
@@ -30,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from cosmiclite.demo import held_out_people
     from cosmiclite.judge import load_judge
-    from cosmiclite.metrics import attention_alignment, generation_accuracy
+    from cosmiclite.metrics import attention_alignment, evaluate, generation_accuracy
     from cosmiclite.models import TOY_MODEL_DIR, load_toy_pipeline
 
     n, steps = (16, 15) if args.quick else (64, 25)
@@ -39,7 +40,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     people = held_out_people(n)
     t0 = time.perf_counter()
-    acc, _ = generation_accuracy(pipe, load_judge(), [p.annotation for p in people], steps=steps, guidance=5.0)
+    judge = load_judge()
+    acc, _ = generation_accuracy(pipe, judge, [p.annotation for p in people], steps=steps, guidance=5.0)
+    # the ceiling: the same judge on the people's own clean renders (what a perfect generator would score)
+    ceiling = evaluate(judge, [p.image for p in people], [p.annotation for p in people])
     align = attention_alignment(pipe, people)
     made = {}
     if (folder / "checkpoint.json").is_file():
@@ -51,6 +55,7 @@ def main() -> None:
         "people": n, "ddim_steps": steps, "guidance": 5.0, "held_out_seeds": [20_000_000, 20_000_000 + n - 1],
         "accuracy": {k: getattr(acc, k) for k in ("acc_obj", "acc_tex", "acc_shape", "acc_all")},
         "chance": acc.chance,
+        "judge_on_real_renders": {k: getattr(ceiling, k) for k in ("acc_obj", "acc_tex", "acc_shape", "acc_all")},
         "ratio": {"acc_all_over_chance": acc.acc_all / acc.chance["all"],
                   "attention_mass_over_area": sum(v["lift"] for v in align.by_group().values())
                   / max(len(align.by_group()), 1)},
