@@ -41,14 +41,20 @@ class DemoConfig:
 
 
 def lora_config(cfg: DemoConfig, beta: float, output: str | Path) -> dict:
-    """The toy LoRA preset (configs/toy_lora.yaml) sized for the demo; beta = 0 turns HOLA off."""
+    """The toy LoRA preset (configs/toy_lora.yaml) sized for the demo; beta = 0 turns HOLA off.
+
+    HOLA compares max-normalised maps with the masks (`HolaConfig.normalize="max"`), not CosmicMan's raw
+    softmax maps: on the toy model the raw maps let the body group (h_1, the whole person, the longest span)
+    win every pixel of the person, and the outfit groups' attention moved *out* of their masks (see
+    configs/toy_lora.yaml for the measurement).
+    """
     return {
         "stage": "unet", "seed": cfg.seed, "output": str(output),
         "model": {"pretrained": cfg.model or "toy"},
         "data": {"source": "toy", "image_size": 64, "num_samples": cfg.train_people, "latent_pool": True,
                  "caption": {"shuffle_groups": True, "group_drop": 0.05, "uncond": 0.1}},
         "lora": {"rank": cfg.rank, "alpha": cfg.rank, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
-        "hola": {"alpha": 1.0, "beta": beta, "resolutions": [8, 16]},
+        "hola": {"alpha": 1.0, "beta": beta, "resolutions": [8, 16], "normalize": "max"},
         "optim": {"lr": cfg.lr, "lr_scheduler": "constant"},
         "run": {"batch_size": cfg.batch_size, "max_steps": cfg.steps, "checkpoint_every": cfg.steps,
                 "log_every": 10},
