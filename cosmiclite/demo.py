@@ -3,7 +3,7 @@
     1. data (Sec. 3.2.2, 4.2)  toy people -> protocol answers -> captions -> groups with token spans -> mask sets H
     2. base model              the kit's toy model: where does each group's attention go? (Sec. 4.3)
     3. Daring (Eq. 4)          a short LoRA fine-tune twice, on the same data, seeds and steps:
-                               with L_noise only (beta = 0), and with L_noise + L_HOLA (beta = 1)
+                               with L_noise only (beta = 0), and with L_noise + L_HOLA (beta = 0.1)
     4. after                   attention mass inside the masks and semantic accuracy (Sec. 5.1) of each model
     5. report                  OUT/report.md (+ report.json) and the figures as PNG
 
@@ -37,6 +37,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = 1e-3
     rank: int = 8
+    hola_beta: float = 0.1      # beta of the HOLA run (Eq. 4); 0.1 measured best on the toy model (README, Training)
     model: str | None = None    # a toy pipeline folder (default: the shipped toy model)
 
 
@@ -144,7 +145,7 @@ def run_demo(cfg: DemoConfig | None = None, **kw) -> dict:
 
     # 3. Daring: the same LoRA fine-tune without and with HOLA
     runs = {}
-    for name, beta in (("lora_noise_only", 0.0), ("lora_hola", 1.0)):
+    for name, beta in (("lora_noise_only", 0.0), ("lora_hola", cfg.hola_beta)):
         runs[name] = fine_tune(cfg, beta, out / "runs" / name)
         stages.update()
 
