@@ -57,8 +57,7 @@ def main() -> None:
         "chance": acc.chance,
         "judge_on_real_renders": {k: getattr(ceiling, k) for k in ("acc_obj", "acc_tex", "acc_shape", "acc_all")},
         "ratio": {"acc_all_over_chance": acc.acc_all / acc.chance["all"],
-                  "attention_mass_over_area": sum(v["lift"] for v in align.by_group().values())
-                  / max(len(align.by_group()), 1)},
+                  "attention_mass_over_area": align.mean_lift},
         "per_question": {q.id: {"accuracy": q.accuracy, "chance": q.chance_uniform, "asked": q.asked}
                          for q in acc.questions},
         "attention_mass_in_mask": align.to_dict(),

@@ -287,8 +287,15 @@ class Alignment:
         g = self.by_group()
         return sum(v["mass"] for v in g.values()) / max(len(g), 1)
 
+    @property
+    def mean_lift(self) -> float:
+        """Mean over groups of mass / area: 1.0 for uniform maps, above 1 where attention is inside the masks."""
+        g = self.by_group()
+        return sum(v["lift"] for v in g.values()) / max(len(g), 1)
+
     def to_dict(self) -> dict:
-        return {"mean_mass": self.mean_mass, "by_group": self.by_group(), "n_rows": len(self.rows)}
+        return {"mean_mass": self.mean_mass, "mean_lift": self.mean_lift, "by_group": self.by_group(),
+                "n_rows": len(self.rows)}
 
 
 def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=None, seed: int = 0,

@@ -755,8 +755,8 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
             a[q] = w[q] if px >= detail_px else NOT_VISIBLE
         for q in by_geometry:
             a[q] = w[q] if _geometry_visible(q, w, v_bot) else NOT_VISIBLE
-        for q in FINE_QUESTIONS.intersection(by_pixels + by_geometry):
-            if px_per_unit < FINE_PX_PER_UNIT and a[q] != NOT_VISIBLE:
+        if px_per_unit < FINE_PX_PER_UNIT:
+            for q in FINE_QUESTIONS.intersection(by_pixels + by_geometry):
                 a[q] = NOT_VISIBLE
     return Annotation(a, protocol=protocol)
 
