@@ -1,15 +1,21 @@
-"""One HOLA setting of the demo's fine-tune, with the demo's measures (attention mass in masks, semantic accuracy).
+"""One HOLA setting of the demo's fine-tune, measured as the demo measures (attention mass in masks, semantic
+accuracy), optionally against the same fine-tune without HOLA on the same people, seeds and steps.
 
-    python benchmarks/hola_setting.py NAME STEPS THREADS '{"beta": 0.1}'     # any `hola:` keys as JSON
+    python benchmarks/hola_setting.py NAME [--hola '{"beta": 0.1}'] [--steps 200] [--threads 2]
+                                           [--eval-people 24] [--baseline] [--out /tmp/hx]
 
-Runs `demo.lora_config` (seed 0) with those HOLA keys into /tmp/hx/NAME, then `demo.measure` on 24 held-out
-people; prints one JSON line and writes /tmp/hx/NAME.json. README (Main job, Training) records the runs.
+The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_beta`) with `--hola`'s keys
+(any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
+mean attention mass of HOLA minus noise-only, and a 95 % bootstrap interval (2,000 resamples of the held-out
+people) for the difference in per-image accuracy. Prints one JSON line and writes OUT/NAME.json;
+benchmarks/results/hola_setting-*.json and README (Main job, Training) record the runs.
 """
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cosmiclite.demo import DemoConfig, held_out_people, lora_config, measure
@@ -17,24 +23,66 @@ from cosmiclite.judge import load_judge
 from cosmiclite.models import load_toy_pipeline
 from cosmiclite.train import train
 
-name, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-over = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-torch.set_num_threads(threads)
-cfg = DemoConfig(steps=steps)
-run = Path("/tmp/hx") / name
-c = lora_config(cfg, 1.0, run)
-c["hola"].update(over)
-c["run"]["threads"] = threads
-t0 = time.time()
-train(c)
-pipe = load_toy_pipeline()
-pipe.set_progress_bar_config(disable=True)
-pipe.load_lora_weights(str(run / "lora"))
-m = measure(pipe, load_judge(), held_out_people(cfg.eval_people), cfg)
-a = m["alignment"]
-out = {"name": name, "over": over, "steps": steps, "mean_mass": a["mean_mass"], "mean_lift": a["mean_lift"],
-       "lift": {g: round(v["lift"], 3) for g, v in a["by_group"].items()},
-       "acc": {k: m["accuracy"][k] for k in ("acc_obj", "acc_tex", "acc_shape", "acc_all")},
-       "seconds": round(time.time() - t0)}
-print(json.dumps(out))
-(run.parent / f"{name}.json").write_text(json.dumps(out))
+KEYS = ("acc_obj", "acc_tex", "acc_shape", "acc_all")
+
+
+def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int) -> dict:
+    """Fine-tune with these HOLA keys, then measure on `people`."""
+    c = lora_config(cfg, cfg.hola_beta, out / name)
+    c["hola"].update(hola)
+    c["run"]["threads"] = threads
+    t0 = time.time()
+    train(c)
+    t1 = time.time()
+    pipe = load_toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out / name / "lora"))
+    m = measure(pipe, judge, people, cfg)
+    a = m["alignment"]
+    return {"name": name, "hola": c["hola"], "steps": cfg.steps, "mean_mass": a["mean_mass"],
+            "mean_lift": a["mean_lift"], "lift": {g: round(v["lift"], 3) for g, v in a["by_group"].items()},
+            "acc": {k: m["accuracy"][k] for k in KEYS}, "per_image": m["accuracy"]["per_image"],
+            "train_seconds": round(t1 - t0), "measure_seconds": round(time.time() - t1)}
+
+
+def paired(hola: dict, base: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """HOLA minus noise-only on the same people: point differences and a bootstrap interval over people."""
+    d = np.asarray(hola["per_image"], float) - np.asarray(base["per_image"], float)
+    d = d[~np.isnan(d)]
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
+    return {"acc_all": hola["acc"]["acc_all"] - base["acc"]["acc_all"],
+            "mean_mass": hola["mean_mass"] - base["mean_mass"],
+            "per_image_acc": float(d.mean()), "per_image_acc_ci95": [float(np.quantile(boot, 0.025)),
+                                                                     float(np.quantile(boot, 0.975))],
+            "people": int(len(d))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("name")
+    ap.add_argument("--hola", default="{}", help="hola: keys as JSON, e.g. '{\"beta\": 0.1}'")
+    ap.add_argument("--steps", type=int, default=DemoConfig.steps)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-people", type=int, default=DemoConfig.eval_people)
+    ap.add_argument("--baseline", action="store_true", help="also train beta = 0 and report the paired difference")
+    ap.add_argument("--out", default="/tmp/hx")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = DemoConfig(steps=args.steps, eval_people=args.eval_people)
+    out = Path(args.out)
+    people, judge = held_out_people(cfg.eval_people), load_judge()
+    result = {"name": args.name, "eval_people": cfg.eval_people, "threads": args.threads,
+              "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads)}
+    if args.baseline:
+        result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads)
+        result["difference"] = paired(result["hola"], result["noise_only"])
+    for r in (result["hola"], result.get("noise_only")):
+        if r:
+            r.pop("per_image")
+    print(json.dumps(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -182,7 +182,8 @@ def cmd_train_judge(args) -> int:
     from .judge import JUDGE_WEIGHTS, Augment, TrainConfig, train_judge, vae_reconstructor
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
-                      seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init)
+                      seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,
+                      vae_pool=args.vae_pool)
     augment = Augment()
     if args.vae:
         from diffusers import AutoencoderKL
@@ -191,7 +192,7 @@ def cmd_train_judge(args) -> int:
     command = (f"cosmiclite train-judge --steps {cfg.steps} --batch {cfg.batch} --pool {cfg.pool} "
                f"--eval-seeds {cfg.eval_seeds} --threads {cfg.threads} --seed {cfg.seed}"
                + f" --lr {cfg.lr}" + (f" --init {args.init}" if args.init else "")
-               + (f" --vae {args.vae}" if args.vae else "") + (f" --out {args.out}" if args.out else ""))
+               + (f" --vae {args.vae} --vae-pool {cfg.vae_pool}" if args.vae else "") + (f" --out {args.out}" if args.out else ""))
     _, info = train_judge(cfg, augment, out=out, command=command)
     h = info["heldout"]
     print(f"held-out clean renders (seeds {info['heldout_seeds'][0]}..{info['heldout_seeds'][1] - 1}): "
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
     s.add_argument("--init", metavar="PATH", help="continue from a trained judge's .safetensors (same heads)")
     s.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder: also train on its reconstructions")
+    s.add_argument("--vae-pool", type=int, default=4096, help="with --vae: how many pool people are also seen "
+                   "reconstructed (reconstructed once, ~80 ms each on one core; default 4096)")
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
                    "the JSON config goes beside it)")
     s.set_defaults(run=cmd_train_judge)

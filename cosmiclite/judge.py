@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -419,6 +419,7 @@ class TrainConfig:
     seed: int = 0
     eval_seeds: int = len(HELDOUT_SEEDS)
     init: str | None = None           # continue from a trained judge's weights (its heads must match)
+    vae_pool: int = 4096              # with a VAE: the first this many pool people are also seen reconstructed
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -453,6 +454,15 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     y = targets(anns, heads)
     del imgs, parsings, anns
     render_s = time.time() - t0
+    pool_vae = None
+    if augment.vae is not None and augment.vae_p > 0:
+        # Reconstruct the first `vae_pool` people once (the toy VAE takes ~80 ms per image on one core, as
+        # long as a training step per 20 images) and draw a `vae_p` share of every batch from them.
+        n_vae = min(cfg.vae_pool, len(pool))
+        chunks = [augment.vae(pool[i:min(i + 256, n_vae)].float() / 255.0)
+                  for i in tqdm(range(0, n_vae, 256), desc="VAE reconstructions", disable=not progress)]
+        pool_vae = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
+        augment, vae_p = replace(augment, vae=None), augment.vae_p
     jcfg = JudgeConfig(heads=heads, size=cfg.size)
     net = JudgeNet(jcfg)
     previous = None
@@ -469,8 +479,13 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     running = None
     for step in bar:
         idx = torch.randint(0, len(pool), (cfg.batch,), generator=g)
+        if pool_vae is not None:
+            rec = torch.rand(cfg.batch, generator=g) < vae_p
+            idx = torch.where(rec, torch.randint(0, len(pool_vae), (cfg.batch,), generator=g), idx)
         onehot = F.one_hot(pool_parsing[idx], N_LABELS).permute(0, 3, 1, 2).float()
-        x, onehot = augment(pool[idx].float() / 255.0, g, onehot)
+        x = pool[idx] if pool_vae is None else torch.where(rec[:, None, None, None], pool_vae[idx % len(pool_vae)],
+                                                           pool[idx])
+        x, onehot = augment(x.float() / 255.0, g, onehot)
         share = F.avg_pool2d(onehot, 4)                    # each cell's label shares: small parts survive
         t = y[idx]
         logits, parse = net(x)
@@ -491,7 +506,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     info = {
         "command": command or "cosmiclite train-judge",
         "train": asdict(cfg), "augment": {k: v for k, v in asdict(augment).items() if k != "vae"},
-        "vae_augmented": augment.vae is not None,
+        "vae_augmented": pool_vae is not None,
         "train_seeds": [TRAIN_SEED_START, TRAIN_SEED_START + cfg.pool], "heldout_seeds": [0, cfg.eval_seeds],
         "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1),
         "final_loss": round(running, 4), "torch": torch.__version__, "threads": cfg.threads,

@@ -155,3 +155,19 @@ def test_oracle_judge_is_a_judge():
     a = Annotation({"wear_hat": "yes", "hat_color": "red"})
     j = OracleJudge([a])
     assert isinstance(j, Judge) and j.answer([None]) == [{"hat_color": "red", "wear_hat": "yes"}]
+
+
+def test_train_judge_runs_and_reconstructs_only_its_vae_pool(tmp_path):
+    from cosmiclite.judge import TrainConfig, train_judge
+    seen = []
+    aug = Augment(vae=lambda t: (seen.append(len(t)), 1 - t)[1], vae_p=0.5)
+    cfg = TrainConfig(steps=3, batch=8, pool=40, vae_pool=16, threads=1, eval_seeds=10)
+    judge, info = train_judge(cfg, aug, out=tmp_path / "j.safetensors", progress=False)
+    assert seen == [16]                               # reconstructed once, only the first vae_pool people
+    assert info["vae_augmented"] and info["train"]["vae_pool"] == 16
+    assert np.isfinite(info["final_loss"]) and 0 <= info["heldout"]["acc_all"] <= 1
+    assert json.loads((tmp_path / "j.json").read_text())["info"]["train"]["steps"] == 3
+    # continuing needs the same heads
+    again, info2 = train_judge(TrainConfig(steps=1, batch=8, pool=40, threads=1, eval_seeds=10,
+                                           init=str(tmp_path / "j.safetensors")), out=None, progress=False)
+    assert info2["continued_from"]["train"]["steps"] == 3
