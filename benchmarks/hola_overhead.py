@@ -30,6 +30,7 @@ Setups (random weights: the cost does not depend on the values):
 Masks, spans and captions are real: toy-world people (`cosmiclite.data.ToyWorldDataset`) at the image size.
 
     python benchmarks/hola_overhead.py [--quick] [--device cpu|cuda] [--batch 8] [--threads 2] [--reps N]
+                                       [--normalize none|max|sum]
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import platform
 import statistics
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -237,6 +239,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 15, quick 6)")
     ap.add_argument("--arch", default=None, help="model architecture (CPU: toy, CUDA: sd15)")
     ap.add_argument("--image-px", type=int, default=None, help="image side in pixels (toy 64, sd15 512)")
+    ap.add_argument("--normalize", choices=("none", "max", "sum"), default=None,
+                    help="HOLA map normalisation (default: the preset's, toy max, sd15 none); when given, the "
+                         "result file is named with it")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -251,8 +256,13 @@ def main(argv=None):
     image_px = args.image_px or architecture(arch).image_size
     batch = args.batch or (4 if cuda else 8)
     reps = args.reps or (6 if args.quick else 15)
-    # HOLA as the presets: toy_lora.yaml maps at 8 and 16; sd15_lora.yaml "1/16" of the image side (CosmicMan)
-    hola = HolaConfig(resolutions=(8, 16)) if arch == "toy" else HolaConfig(resolutions="1/16")
+    # HOLA as the presets: toy_lora.yaml max-normalised maps at 8 and 16; sd15_lora.yaml raw maps at "1/16" of
+    # the image side (CosmicMan)
+    hola = (HolaConfig(resolutions=(8, 16), normalize="max") if arch == "toy"
+            else HolaConfig(resolutions="1/16"))
+    if args.normalize:
+        hola = replace(hola, normalize=args.normalize)
+        name += f"-normalize-{args.normalize}"
     lora_rank = 8 if arch == "toy" else 16
     bf16 = checkpointing = cuda
     load_before = os.getloadavg()

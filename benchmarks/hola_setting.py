@@ -77,11 +77,11 @@ def main():
     if args.baseline:
         result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads)
         result["difference"] = paired(result["hola"], result["noise_only"])
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     for r in (result["hola"], result.get("noise_only")):
         if r:
-            r.pop("per_image")
+            r.pop("per_image")  # kept in the file (for pairing later runs), not on the screen
     print(json.dumps(result))
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -215,48 +215,73 @@ def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.T
 
 
 class Eq3Bracket(torch.autograd.Function):
-    """The two terms inside Eq. 3's bracket, per sample, head and group, summed over pixels — with its gradient
-    written out, so that the maps (the largest tensors of a training step) are read as few times as possible.
+    """The two terms inside Eq. 3's bracket, per sample, head and group, summed over pixels — with the map
+    normalisation folded in and the gradient written out, so that the maps (the largest tensors of a training
+    step) are read as few times as possible and no rescaled copy of them is ever made.
 
-        tok[b,h,i] = Σ_{j∈[s_i,e_i)} ‖m_j − h_i‖²        grp[b,h,i] = ‖m̄_i − h_i‖²,   m̄_i = (1/n_i) Σ_{j∈[s_i,e_i)} m_j
+        tok[b,h,i] = Σ_{j∈[s_i,e_i)} ‖y_j − h_i‖²        grp[b,h,i] = ‖ȳ_i − h_i‖²,   ȳ_i = (1/n_i) Σ_{j∈[s_i,e_i)} y_j
+        y_j = r_j · m_j     r_j = 1 ("none"), 1 / max_p m_j ("max"), Σ_p h_i / Σ_p m_j ("sum"): see `normalize_maps`
 
     inputs: A (B, heads, P, T) the maps m_j as columns; h (B, G, P) the masks h_i; S (B, G, T) with S[b,i,j] = 1
-    when token j is in group i (each token in at most one group); n (B, G) = e_i − s_i (tokens per group).
+    when token j is in group i (each token in at most one group); n (B, G) = e_i − s_i (tokens per group);
+    normalize, area (B, G) = Σ_p h_i (for "sum") and eps as in `normalize_maps`.
 
     Why not plain autograd: (A − h)² and its mean make a full-size temporary each and autograd keeps one more for
     backward; on the toy UNet (8 heads × 77 tokens per cell against 32–128 feature channels) that made the loss
-    cost a fifth of the whole training step. Here the forward reads A twice and keeps nothing new
-    (Σ_p m_j² once, and the group means m̄ = A·(S/n)ᵀ; the cross term needs no pass of its own, since
-    Σ_{j∈i} Σ_p m_j h_i = n_i Σ_p m̄_i h_i), and the backward writes the gradient once:
+    cost a fifth of the whole training step, and a rescaled copy y = r·m (with amax's backward) another tenth.
+    Here the forward reads A twice and keeps nothing new: r is a per-column scale, so Σ_p y_j² = r_j² Σ_p m_j²
+    and ȳ = A·(r S/n)ᵀ; the cross term needs no pass of its own, since Σ_{j∈i} Σ_p y_j h_i = n_i Σ_p ȳ_i h_i.
+    The backward writes the gradient once:
 
-        ∂tok_i/∂m_j = 2 (m_j − h_i),   ∂grp_i/∂m_j = (2/n_i)(m̄_i − h_i)      for j ∈ [s_i, e_i), 0 elsewhere
-        => grad m_j = 2 g_tok_i · m_j + Z_i,   Z_i = (2/n_i) g_grp_i (m̄_i − h_i) − 2 g_tok_i h_i
+        ∂tok_i/∂y_j = 2 (y_j − h_i),   ∂grp_i/∂y_j = (2/n_i)(ȳ_i − h_i)      for j ∈ [s_i, e_i), 0 elsewhere
+        => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
+        ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
-    i.e. one gather of the per-group Z (B, heads, P, G) to the tokens plus one fused multiply-add. The expanded
-    form Σ m² − 2 Σ m h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the pixel count).
+    i.e. one gather of the per-group Z (B, heads, P, G) to the tokens plus one fused multiply-add (and, rescaled,
+    one more reduction over pixels). The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and
+    masks in [0, 1] (errors ~1e-7 of the pixel count).
     """
 
     @staticmethod
-    def forward(ctx, A, h, S, n):
+    def forward(ctx, A, h, S, n, normalize="none", area=None, eps=1e-6):
         B, H, P, T = A.shape
         G = h.shape[1]
         n1 = n.clamp_min(1)
-        m_bar = (A.reshape(B, H * P, T) @ (S / n1[..., None]).transpose(1, 2)).view(B, H, P, G)   # m̄_i
+        Sn = (S / n1[..., None]).transpose(1, 2)                                                # (B,T,G)
+        a2 = torch.linalg.vecdot(A, A, dim=2)                                                   # Σ_p m_j²  (B,H,T)
+        r = live = top = mass = None
+        if normalize == "none":
+            m_bar = (A.reshape(B, H * P, T) @ Sn).view(B, H, P, G)                              # ȳ_i = m̄_i
+        else:
+            if normalize == "max":
+                peak, top = A.max(2)                                                            # (B,H,T)
+                live = peak > eps
+                r = 1 / peak.clamp_min(eps)
+            elif normalize == "sum":
+                if area is None:
+                    raise ValueError("Eq3Bracket(normalize='sum') needs area (B, G): Σ_p h_i per group")
+                mass = A.sum(2)
+                live = mass > eps
+                r = torch.einsum("bgt,bg->bt", S, area)[:, None] / mass.clamp_min(eps)
+            else:
+                raise ValueError(f"normalize={normalize!r}: choose one of {_CHOICES['normalize']}")
+            m_bar = A @ (r[..., None] * Sn[:, None])                                            # ȳ_i (B,H,P,G)
         hT = h.transpose(1, 2).unsqueeze(1)                                                     # (B,1,P,G)
         d = m_bar - hT
-        grp = torch.linalg.vecdot(d, d, dim=2)                                                  # ‖m̄_i − h_i‖²
-        a2 = torch.linalg.vecdot(A, A, dim=2)                                                   # Σ_p m_j²  (B,H,T)
-        cross = torch.linalg.vecdot(m_bar, hT, dim=2)                                           # Σ_p m̄_i h_i
-        tok = torch.einsum("bht,bgt->bhg", a2, S) - 2 * n[:, None] * cross \
-            + (n * torch.linalg.vecdot(h, h, dim=-1))[:, None]                                  # Σ_j ‖m_j − h_i‖²
-        ctx.save_for_backward(A, d, h, S, n1)
+        grp = torch.linalg.vecdot(d, d, dim=2)                                                  # ‖ȳ_i − h_i‖²
+        cross = torch.linalg.vecdot(m_bar, hT, dim=2)                                           # Σ_p ȳ_i h_i
+        y2 = a2 if r is None else a2 * r * r                                                    # Σ_p y_j²
+        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross \
+            + (n * torch.linalg.vecdot(h, h, dim=-1))[:, None]                                  # Σ_j ‖y_j − h_i‖²
+        ctx.normalize = normalize
+        ctx.save_for_backward(A, d, h, S, n1, r, live, top, a2, mass)
         return tok, grp
 
     @staticmethod
     def backward(ctx, g_tok, g_grp):
-        A, d, h, S, n1 = ctx.saved_tensors
+        A, d, h, S, n1, r, live, top, a2, mass = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return (None,) * 7
         B, H, P, T = A.shape
         G = h.shape[1]
         hT = h.transpose(1, 2).unsqueeze(1)
@@ -265,8 +290,17 @@ class Eq3Bracket(torch.autograd.Function):
         group_of = (S * torch.arange(G, device=S.device, dtype=S.dtype)[:, None]).sum(1) + G * (1 - S.sum(1))
         idx = group_of.long()[:, None, None, :].expand(B, H, P, T)
         grad = torch.gather(Z, -1, idx)                   # Z of each token's group
-        grad.addcmul_(A, torch.einsum("bhg,bgt->bht", 2 * g_tok, S)[:, :, None])   # + 2 g_tok · m_j
-        return grad, None, None, None
+        c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
+        if r is None:
+            return grad.addcmul_(A, c[:, :, None]), None, None, None, None, None, None   # + 2 g_tok · m_j
+        # g_j = Z + c r m_j;  Σ_p g_j m_j = Σ_p Z m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
+        through_r = torch.linalg.vecdot(grad, A, dim=2) + c * r * a2
+        grad.mul_(r[:, :, None]).addcmul_(A, (c * r * r)[:, :, None])
+        if ctx.normalize == "max":
+            grad.scatter_add_(2, top[:, :, None], (-(r * r) * through_r * live)[:, :, None])
+        else:
+            grad.sub_((r / mass.clamp_min(1e-30) * through_r * live)[:, :, None])
+        return grad, None, None, None, None, None, None
 
 
 def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, area: torch.Tensor | None = None,
@@ -348,11 +382,9 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
             if cfg.heads == "mean":
                 A = A.mean(1, keepdim=True)
             H = A.shape[1]
-            # m_j, optionally rescaled (per layer, head, token), before both terms of Eq. 3.
-            A = normalize_maps(A, cfg.normalize, S, area, cfg.eps)
-
-            # Eq. 3's bracket per (sample, head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums.
-            e_tok, e_grp = Eq3Bracket.apply(A, h, S, n)                # (B,H,G) each
+            # Eq. 3's bracket per (sample, head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, with each
+            # m_j first rescaled as cfg.normalize says (per layer, head, token; `normalize_maps`, done in place).
+            e_tok, e_grp = Eq3Bracket.apply(A, h, S, n, cfg.normalize, area, cfg.eps)   # (B,H,G) each
             if cfg.pixel_reduction == "mean":                          # ‖·‖² averaged over pixels (an MSE)
                 e_tok, e_grp = e_tok / P, e_grp / P
             e_tok, e_grp = e_tok * vmask, e_grp * vmask

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cosmiclite.hola import HolaConfig, daring_loss, hola_loss, hola_terms, token_membership
+from cosmiclite.hola import HolaConfig, daring_loss, hola_loss, hola_terms, normalize_maps, token_membership
 
 
 def hand_example(dtype=torch.float32):
@@ -182,6 +182,27 @@ def test_eq3_bracket_matches_the_direct_formula_and_gradcheck():
     assert torch.allclose(ga, gd)
     assert ga[0, :, :, 4:].abs().max() == 0          # tokens in no group (and the absent group's) get no gradient
     assert torch.autograd.gradcheck(lambda a: Eq3Bracket.apply(a, h, W, n), (A,))
+
+
+@pytest.mark.parametrize("mode", ["max", "sum"])
+def test_eq3_bracket_folds_in_the_normalisation(mode):
+    """Rescaling inside the bracket gives the values and gradients of rescaling first (`normalize_maps`, plain
+    autograd) and then taking the bracket; and it passes gradcheck, the rescaling's own gradient included."""
+    from cosmiclite.hola import Eq3Bracket
+    g = torch.Generator().manual_seed(4)
+    B, H, P, T, G = 2, 3, 9, 7, 3
+    A = torch.rand(B, H, P, T, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()
+    h = (torch.rand(B, G, P, generator=g) > 0.5).double()
+    W = token_membership(torch.tensor([[[1, 3], [3, 4], [-1, -1]], [[0, 2], [2, 5], [5, 7]]]), T).double()
+    n, area = W.sum(-1), h.sum(-1)
+    fused = Eq3Bracket.apply(A, h, W, n, mode, area)
+    ref = Eq3Bracket.apply(normalize_maps(A, mode, W, area), h, W, n)
+    w = [torch.rand(B, H, G, generator=g, dtype=torch.float64) for _ in range(2)]
+    loss = lambda t: (t[0] * w[0]).sum() + (t[1] * w[1]).sum()  # noqa: E731
+    for f, r in zip(fused, ref):
+        assert torch.allclose(f, r)
+    assert torch.allclose(torch.autograd.grad(loss(fused), A)[0], torch.autograd.grad(loss(ref), A)[0])
+    assert torch.autograd.gradcheck(lambda a: Eq3Bracket.apply(a, h, W, n, mode, area), (A,))
 
 
 def test_loss_saves_no_full_size_tensor_for_backward():
