@@ -2,7 +2,7 @@
 accuracy), optionally against the same fine-tune without HOLA on the same people, seeds and steps.
 
     python benchmarks/hola_setting.py NAME [--hola '{"beta": 0.1}'] [--steps 200] [--threads 2]
-                                           [--eval-people 24] [--baseline] [--out /tmp/hx]
+                                           [--eval-people 24] [--baseline] [--out /tmp/hx] [--reuse]
 
 The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_beta`) with `--hola`'s keys
 (any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
@@ -26,13 +26,14 @@ from cosmiclite.train import train
 KEYS = ("acc_obj", "acc_tex", "acc_shape", "acc_all")
 
 
-def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int) -> dict:
-    """Fine-tune with these HOLA keys, then measure on `people`."""
+def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int, reuse: bool = False) -> dict:
+    """Fine-tune with these HOLA keys (or, with `reuse`, take the LoRA an earlier run left), then measure."""
     c = lora_config(cfg, cfg.hola_beta, out / name)
     c["hola"].update(hola)
     c["run"]["threads"] = threads
     t0 = time.time()
-    train(c)
+    if not (reuse and (out / name / "lora").exists()):
+        train(c)
     t1 = time.time()
     pipe = load_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -67,15 +68,18 @@ def main():
     ap.add_argument("--eval-people", type=int, default=DemoConfig.eval_people)
     ap.add_argument("--baseline", action="store_true", help="also train beta = 0 and report the paired difference")
     ap.add_argument("--out", default="/tmp/hx")
+    ap.add_argument("--reuse", action="store_true", help="measure the LoRAs an earlier run left in OUT (e.g. with a "
+                    "new judge) instead of training them again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = DemoConfig(steps=args.steps, eval_people=args.eval_people)
     out = Path(args.out)
     people, judge = held_out_people(cfg.eval_people), load_judge()
     result = {"name": args.name, "eval_people": cfg.eval_people, "threads": args.threads,
-              "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads)}
+              "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads, args.reuse)}
     if args.baseline:
-        result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads)
+        result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads,
+                                   args.reuse)
         result["difference"] = paired(result["hola"], result["noise_only"])
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     for r in (result["hola"], result.get("noise_only")):
