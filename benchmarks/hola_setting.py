@@ -15,11 +15,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cosmiclite.demo import DemoConfig, held_out_people, lora_config, measure
 from cosmiclite.judge import load_judge
+from cosmiclite.metrics import paired_difference
 from cosmiclite.models import load_toy_pipeline
 from cosmiclite.train import train
 
@@ -46,17 +46,12 @@ def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, thread
             "train_seconds": round(t1 - t0), "measure_seconds": round(time.time() - t1)}
 
 
-def paired(hola: dict, base: dict, resamples: int = 2000, seed: int = 0) -> dict:
+def paired(hola: dict, base: dict) -> dict:
     """HOLA minus noise-only on the same people: point differences and a bootstrap interval over people."""
-    d = np.asarray(hola["per_image"], float) - np.asarray(base["per_image"], float)
-    d = d[~np.isnan(d)]
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
+    d = paired_difference(hola["per_image"], base["per_image"])
     return {"acc_all": hola["acc"]["acc_all"] - base["acc"]["acc_all"],
             "mean_mass": hola["mean_mass"] - base["mean_mass"],
-            "per_image_acc": float(d.mean()), "per_image_acc_ci95": [float(np.quantile(boot, 0.025)),
-                                                                     float(np.quantile(boot, 0.975))],
-            "people": int(len(d))}
+            "per_image_acc": d["mean"], "per_image_acc_ci95": d["ci95"], "people": d["images"]}
 
 
 def main():

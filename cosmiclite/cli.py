@@ -276,6 +276,9 @@ def cmd_demo(args) -> int:
     for name, m in s["models"].items():
         print(f"  {name:<16} attention mass in mask {m['alignment']['mean_mass']:.3f}   "
               f"Acc_all {100 * m['accuracy']['acc_all']:.1f}")
+    d = s["hola_minus_noise_only"]
+    print(f"  per-image accuracy, HOLA minus noise only: {100 * d['mean']:+.1f} points "
+          f"(95 % interval {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}, {d['images']} people)")
     return 0
 
 

@@ -27,4 +27,7 @@ def test_demo_quick_writes_a_report_with_every_model_measured(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "| **mean over groups** |" in report and "chance (uniform guess)" in report
+    d = summary["hola_minus_noise_only"]                 # the paired comparison, with its interval
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and d["images"] > 0
+    assert "HOLA minus noise only" in report
     assert "attention mass in mask" in capsys.readouterr().out

@@ -207,3 +207,17 @@ def test_chance_is_the_asked_weighted_uniform_guess_per_kind():
     assert r.chance["object"] == pytest.approx(1 / 2)           # wear_top: yes / no
     assert r.chance["shape"] == pytest.approx(1 / len(p.question("hair_length").answers))
     assert r.chance["all"] == pytest.approx((r.chance["texture"] + 0.5 + r.chance["shape"]) / 3)
+
+
+def test_paired_difference_tells_a_real_gap_from_noise():
+    from cosmiclite.metrics import paired_difference
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 400)
+    better = paired_difference(base + 0.1, base)              # every image 10 points better
+    assert abs(better["mean"] - 0.1) < 1e-9 and better["ci95"][0] > 0.09 and better["images"] == 400
+    noisy = paired_difference(base + rng.normal(0, 0.2, 400), base)
+    lo, hi = noisy["ci95"]
+    assert lo < 0 < hi and hi - lo < 0.06                     # no real gap: the interval holds 0
+    assert paired_difference([0.5, float("nan")], [0.4, 0.3])["images"] == 1
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference([0.5], [0.4, 0.3])
