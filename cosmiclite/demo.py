@@ -37,7 +37,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = 1e-3
     rank: int = 8
-    hola_beta: float = 0.1      # beta of the HOLA run (Eq. 4); 0.1 measured best on the toy model (README, Training)
+    hola_beta: float = 0.1      # beta of the HOLA run (Eq. 4): lift 1.0 -> 2.0 for ~1.5 points of Acc_all; beta 1: ~8 (README)
     model: str | None = None    # a toy pipeline folder (default: the shipped toy model)
 
 
