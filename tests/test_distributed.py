@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 

@@ -6,7 +6,7 @@ import pytest
 
 from cosmiclite import Annotation
 from cosmiclite.judge import OracleJudge
-from cosmiclite.metrics import SemanticAccuracy, evaluate, semantic_accuracy
+from cosmiclite.metrics import evaluate, semantic_accuracy
 
 A = {"wear_top": "yes", "top_type": "t-shirt", "top_color": "red", "sleeve_length": "short sleeve",
      "wear_bottoms": "yes", "bottoms_type": "pants", "bottoms_color": "blue", "bottoms_length": "full-length",
