@@ -89,7 +89,7 @@ class Setup:
         # HOLA's map sides at this image size (the captured ones are the attn2 grids; "1/16" picks one)
         self.sides = hola.sides(self._attn2_sides(), image_px)
 
-        ds = ToyWorldDataset(batch, size=image_px, seed=1000, mask_sizes=self.sides)
+        ds = ToyWorldDataset(batch, size=min(image_px, 256), seed=1000, mask_sizes=self.sides)  # masks only
         b = collate([ds[i] for i in range(batch)])
         g = torch.Generator().manual_seed(seed)
         enc = build_text_encoder(arch, seed + 2)

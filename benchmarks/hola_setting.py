@@ -3,6 +3,7 @@ accuracy), optionally against the same fine-tune without HOLA on the same people
 
     python benchmarks/hola_setting.py NAME [--hola '{"beta": 0.1}'] [--steps 200] [--threads 2]
                                            [--eval-people 24] [--baseline] [--out /tmp/hx] [--reuse]
+                                           [--device cpu|cuda]
 
 The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_beta`) with `--hola`'s keys
 (any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
@@ -26,7 +27,8 @@ from cosmiclite.train import train
 KEYS = ("acc_obj", "acc_tex", "acc_shape", "acc_all")
 
 
-def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int, reuse: bool = False) -> dict:
+def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int, reuse: bool = False,
+        device: str = "cpu") -> dict:
     """Fine-tune with these HOLA keys (or, with `reuse`, take the LoRA an earlier run left), then measure."""
     c = lora_config(cfg, cfg.hola_beta, out / name)
     c["hola"].update(hola)
@@ -35,7 +37,7 @@ def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, thread
     if not (reuse and (out / name / "lora").exists()):
         train(c)
     t1 = time.time()
-    pipe = load_toy_pipeline()
+    pipe = load_toy_pipeline().to(device)   # training picks its device itself (accelerate: CUDA when present)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out / name / "lora"))
     m = measure(pipe, judge, people, cfg)
@@ -63,6 +65,8 @@ def main():
     ap.add_argument("--eval-people", type=int, default=DemoConfig.eval_people)
     ap.add_argument("--baseline", action="store_true", help="also train beta = 0 and report the paired difference")
     ap.add_argument("--out", default="/tmp/hx")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the fine-tuned pipeline is measured (the judge reads the images on CPU)")
     ap.add_argument("--reuse", action="store_true", help="measure the LoRAs an earlier run left in OUT (e.g. with a "
                     "new judge) instead of training them again")
     args = ap.parse_args()
@@ -70,11 +74,12 @@ def main():
     cfg = DemoConfig(steps=args.steps, eval_people=args.eval_people)
     out = Path(args.out)
     people, judge = held_out_people(cfg.eval_people), load_judge()
-    result = {"name": args.name, "eval_people": cfg.eval_people, "threads": args.threads,
-              "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads, args.reuse)}
+    result = {"name": args.name, "eval_people": cfg.eval_people, "threads": args.threads, "device": args.device,
+              "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads, args.reuse,
+                          args.device)}
     if args.baseline:
         result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads,
-                                   args.reuse)
+                                   args.reuse, args.device)
         result["difference"] = paired(result["hola"], result["noise_only"])
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     for r in (result["hola"], result.get("noise_only")):

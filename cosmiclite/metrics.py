@@ -363,7 +363,7 @@ def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=Non
                              if g.name in ms.names and ms.present[ms.names.index(g.name)]]
                     if not named:
                         continue
-                    h = torch.stack([ms.mask(n, res) for n, _ in named])
+                    h = torch.stack([ms.mask(n, res) for n, _ in named]).to(maps.device)
                     mass = mass_in_mask(group_maps(maps[0, k], [s for _, s in named], token_dim=0), h)
                     rows += [{"person": start + k, "group": name, "res": res, "t": int(t), "mass": m,
                               "area": float(hi.mean())} for (name, _), m, hi in zip(named, mass.tolist(), h)]
