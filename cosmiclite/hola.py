@@ -77,6 +77,8 @@ class HolaConfig:
     mask_resize:     how a mask is resized when the caller gave no mask at a map's resolution.
     alpha, beta:     the weights of Eq. 4.
     drop_prob:       probability that a sample's HOLA term is dropped (CosmicMan: 0.1); see `sample_keep`.
+    t_range:         (lo, hi): HOLA only for samples whose training timestep t has lo <= t < hi; None (default,
+                     CosmicMan): every t. An experiment the paper does not make; see `in_t_range`.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -90,6 +92,7 @@ class HolaConfig:
     alpha: float = 1.0
     beta: float = 1.0
     drop_prob: float = 0.1
+    t_range: tuple[int, int] | None = None
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -108,6 +111,12 @@ class HolaConfig:
             raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"HolaConfig alpha={self.alpha}, beta={self.beta}: Eq. 4 weights must be >= 0")
+        if self.t_range is not None:
+            tr = self.t_range
+            if not (len(tr) == 2 and all(isinstance(x, int) for x in tr) and 0 <= tr[0] < tr[1]):
+                raise ValueError(f"HolaConfig.t_range={tr!r}: use two integer timesteps [lo, hi) with 0 <= lo < hi, "
+                                 "e.g. [0, 500], or null for every timestep")
+            object.__setattr__(self, "t_range", tuple(tr))
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "HolaConfig":
@@ -121,8 +130,9 @@ class HolaConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if isinstance(d["resolutions"], tuple):
-            d["resolutions"] = list(d["resolutions"])
+        for k in ("resolutions", "t_range"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
         return d
 
     def sides(self, available: Sequence[int], image_size: int | None = None) -> list[int]:
@@ -142,6 +152,12 @@ class HolaConfig:
             raise ValueError(f"HOLA wants attention maps at {missing} but only {available} were captured: "
                              "set hola.resolutions to captured sides (or capture those layers)")
         return wanted
+
+    def in_t_range(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which samples' timesteps t lie in `t_range` (all of them when it is None)."""
+        if self.t_range is None:
+            return torch.ones_like(t, dtype=torch.bool)
+        return (t >= self.t_range[0]) & (t < self.t_range[1])
 
     def sample_keep(self, batch_size: int, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu") -> torch.Tensor:

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from cosmiclite.train import ConfigError, global_batch, latest_checkpoint, load_config, memory_estimate, train
+from cosmiclite.scaling import global_batch, memory_estimate
+from cosmiclite.train import ConfigError, latest_checkpoint, load_config, train
 
 B = 2            # per-process batch of the 2-process run
 STEPS = 4

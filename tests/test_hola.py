@@ -267,3 +267,13 @@ def test_plot_hola_terms_draws_one_row_per_group():
     assert "0.156" in fig.axes[3].get_title()                               # ‖m̄_0 − h_0‖² = 5/32
     with pytest.raises(ValueError, match="nothing to draw"):
         plot_hola_terms(hand_example()[0], torch.full((1, 2, 2), -1), *hand_example()[2:])
+
+
+def test_t_range_selects_timesteps_and_round_trips():
+    cfg = HolaConfig(t_range=[0, 500])
+    assert cfg.in_t_range(torch.tensor([0, 499, 500, 999])).tolist() == [True, True, False, False]
+    assert HolaConfig().in_t_range(torch.tensor([0, 999])).all()
+    assert HolaConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["t_range"] == [0, 500]
+    for bad in ([500, 500], [-1, 10], [0.5, 10], [1, 2, 3]):
+        with pytest.raises(ValueError, match="t_range"):
+            HolaConfig(t_range=bad)

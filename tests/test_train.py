@@ -160,6 +160,22 @@ def test_hola_gradients_flow_with_gradient_checkpointing(tmp_path):
     assert out["hola_loss"] > 0 and grads and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_hola_t_range_gates_samples_by_timestep(tmp_path):
+    def losses(name, **changes):
+        trainer = Trainer(load_config(tiny(tmp_path / name, **{"hola.drop_prob": 0.0, **changes})))
+        trainer.data.prepare(trainer)
+        with torch.no_grad():
+            return {k: float(v) for k, v in trainer.unet_loss(trainer.data.batch(0)).items()}
+
+    every = losses("every")
+    assert every["hola_loss"] > 0
+    assert losses("all", **{"hola.t_range": [0, 1000]}) == every   # every t of the 1000-step schedule is inside
+    gated = losses("none", **{"hola.t_range": [0, 1]})              # no sample of the batch has t = 0
+    assert gated["hola_loss"] == 0.0 and gated["noise_loss"] == every["noise_loss"]
+    with pytest.raises(ConfigError, match="t_range"):
+        load_config(tiny(tmp_path, **{"hola.t_range": [500, 100]}))
+
+
 def _image(pipe):
     return pipe("a full-body shot, a woman, red t-shirt", num_inference_steps=2, guidance_scale=1.0, height=32,
                 width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
