@@ -253,8 +253,8 @@ class Eq3Bracket(torch.autograd.Function):
         => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
         ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
-    i.e. one gather of the per-group Z (B, heads, P, G) to the tokens plus one fused multiply-add (and, rescaled,
-    one more reduction over pixels). The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and
+    i.e. the per-group Z (B, heads, P, G) routed to the tokens by one matmul with S (r folded into it when
+    rescaled) plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Zᵀ A (one read of the maps). The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and
     masks in [0, 1] (errors ~1e-7 of the pixel count).
     """
 
@@ -298,20 +298,15 @@ class Eq3Bracket(torch.autograd.Function):
         A, d, h, S, n1, r, live, top, a2, mass = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
-        B, H, P, T = A.shape
-        G = h.shape[1]
         hT = h.transpose(1, 2).unsqueeze(1)
-        Z = A.new_zeros(B, H, P, G + 1)                   # column G: tokens in no group get no gradient from Z
-        Z[..., :G] = (2 * g_grp / n1[:, None])[:, :, None] * d - (2 * g_tok)[:, :, None] * hT
-        group_of = (S * torch.arange(G, device=S.device, dtype=S.dtype)[:, None]).sum(1) + G * (1 - S.sum(1))
-        idx = group_of.long()[:, None, None, :].expand(B, H, P, T)
-        grad = torch.gather(Z, -1, idx)                   # Z of each token's group
+        Z = (2 * g_grp / n1[:, None])[:, :, None] * d - (2 * g_tok)[:, :, None] * hT               # (B,H,P,G)
         c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
-        if r is None:
-            return grad.addcmul_(A, c[:, :, None]), None, None, None, None, None, None   # + 2 g_tok · m_j
-        # g_j = Z + c r m_j;  Σ_p g_j m_j = Σ_p Z m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
-        through_r = torch.linalg.vecdot(grad, A, dim=2) + c * r * a2
-        grad.mul_(r[:, :, None]).addcmul_(A, (c * r * r)[:, :, None])
+        S4 = S[:, None]                                   # (B,1,G,T): routes Z_i to the tokens of group i
+        if r is None:                                     # g_j = Z_i + 2 g_tok · m_j
+            return (Z @ S4).addcmul_(A, c[:, :, None]), None, None, None, None, None, None
+        # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
+        through_r = ((Z.transpose(-1, -2) @ A) * S4).sum(2) + c * r * a2                           # (B,H,T)
+        grad = (Z @ (S4 * r[:, :, None])).addcmul_(A, (c * r * r)[:, :, None])   # r Z_i and r² c m_j, one write
         if ctx.normalize == "max":
             grad.scatter_add_(2, top[:, :, None], (-(r * r) * through_r * live)[:, :, None])
         else:
@@ -369,6 +364,11 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     if (W.sum(1) > 1).any():
         raise ValueError("spans overlap: a token belongs to two groups; group spans must be disjoint")
     ok = present.to(device).bool() & W.any(-1)                         # group in caption and image
+    # Only tokens up to the last span end can get a gradient: the maps are sliced there (captions fill ~half
+    # of the 77 tokens), which spares the loss's passes over the padding columns (a view, no copy).
+    used = W.any(1).any(0).nonzero()
+    Tc = int(used.max()) + 1 if len(used) else 1
+    W = W[..., :Tc]
     if keep is not None:
         ok = ok & keep.to(device).bool()[:, None]
 
@@ -394,7 +394,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         vmask = valid.to(dtype)[:, None]                               # (B,1,G)
         n_tok, n_grp = float(n.sum()), float(N.sum())
         for A in layers:
-            A = A.to(dtype)
+            A = A[..., :Tc].to(dtype)
             if cfg.heads == "mean":
                 A = A.mean(1, keepdim=True)
             H = A.shape[1]
