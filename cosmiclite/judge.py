@@ -143,6 +143,7 @@ class JudgeConfig:
     widths: tuple[int, ...] = (32, 64, 64, 64, 96, 128)  # stem /2, /4, /4, /4 (dilated), /8, /16
     hidden: int = 256
     region_dim: int = 128
+    parse_stride: int = 4                       # parse and pool regions at 1/4 of the side, or 1/2 (small parts)
     info: dict = field(default_factory=dict)    # training command, seeds, held-out accuracy, time
 
     def __post_init__(self):
@@ -152,6 +153,9 @@ class JudgeConfig:
         if self.size % 16:
             raise ValueError(f"judge size {self.size} is not divisible by 16 (the network's total stride); "
                              "use a multiple of 16, e.g. 64")
+        if self.parse_stride not in (2, 4):
+            raise ValueError(f"judge parse_stride {self.parse_stride}: use 4 (regions read at 1/4 of the side) or "
+                             "2 (at 1/2, for small parts)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -163,7 +167,8 @@ class JudgeConfig:
         return cls(heads={k: list(v) for k, v in d["heads"].items()},
                    regions={k: [int(x) for x in v] for k, v in d["regions"].items()}, size=int(d["size"]),
                    widths=tuple(int(w) for w in d["widths"]), hidden=int(d["hidden"]),
-                   region_dim=int(d["region_dim"]), info=dict(d.get("info", {})))
+                   region_dim=int(d["region_dim"]), parse_stride=int(d.get("parse_stride", 4)),
+                   info=dict(d.get("info", {})))
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -181,6 +186,7 @@ class JudgeNet(nn.Module):
        pool F over the predicted region — with the cells' (y, x, y^2, x^2) appended, so where and how
        long a part is (sleeve, hem, hair length) survives pooling — and take its log-area.
     3. A global vector h (F further strided to 4x4, flattened: shot type, scene, the person's scale).
+    With parse_stride 2, steps 1-2 run at 1/2 of the side instead, on the stem's features beside F upsampled.
     Each region gets z = ReLU(W[h, pooled, log-area]); each question's head reads its region's z.
 
     Why: a colour, pattern or length answer is then nearly a linear read-out of one pooled region,
@@ -196,25 +202,29 @@ class JudgeNet(nn.Module):
         w = cfg.widths
         self.trunk = nn.Sequential(_conv(3, w[0], 2), _conv(w[0], w[1], 2), _conv(w[1], w[2]),
                                    _conv(w[2], w[3], dilation=2))
-        self.parse = nn.Conv2d(w[3], N_LABELS, 1)
+        self.fine = cfg.parse_stride == 2
+        c = w[3] + (w[0] if self.fine else 0)                                    # channels read per region
+        self.parse = nn.Conv2d(c, N_LABELS, 1)
         self.down = nn.Sequential(_conv(w[3], w[4], 2), _conv(w[4], w[5], 2), nn.Flatten(), nn.Dropout(0.1),
                                   nn.Linear(w[5] * (cfg.size // 16) ** 2, cfg.hidden), nn.ReLU(inplace=True))
-        side = cfg.size // 4
+        side = cfg.size // cfg.parse_stride
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
         self.register_buffer("coords", torch.stack([yy, xx, yy ** 2, xx ** 2]), persistent=False)
         keys = sorted({tuple(v) for v in cfg.regions.values()})
         self.region_keys = ["-".join(map(str, k)) for k in keys]
         self.region_labels = {"-".join(map(str, k)): list(k) for k in keys}
         self.head_region = {q: "-".join(map(str, r)) for q, r in cfg.regions.items()}
-        self.region_fc = nn.ModuleDict({k: nn.Linear(cfg.hidden + w[3] + 4 + 1, cfg.region_dim)
+        self.region_fc = nn.ModuleDict({k: nn.Linear(cfg.hidden + c + 4 + 1, cfg.region_dim)
                                         for k in self.region_keys})
         self.heads = nn.ModuleDict({q: nn.Linear(cfg.region_dim, len(a)) for q, a in cfg.heads.items()})
 
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """x (B, 3, H, W) in [0, 1] -> (logits per question, parsing logits (B, 18, H/4, W/4))."""
-        f = self.trunk(x * 2 - 1)
+        """x (B, 3, H, W) in [0, 1] -> (logits per question, parsing logits (B, 18, H/s, W/s), s = parse_stride)."""
+        f2 = self.trunk[0](x * 2 - 1)                                            # 1/2 of the side
+        f4 = self.trunk[1:](f2)                                                  # F, 1/4
+        h = self.down(f4)
+        f = torch.cat([f2, F.interpolate(f4, scale_factor=2, mode="nearest")], 1) if self.fine else f4
         parse = self.parse(f)
-        h = self.down(f)
         prob = parse.softmax(1)
         fc = torch.cat([f, self.coords.expand(len(x), -1, -1, -1)], 1)          # (B, C+4, s, s)
         z = {}
@@ -421,6 +431,7 @@ class TrainConfig:
     eval_seeds: int = len(HELDOUT_SEEDS)
     init: str | None = None           # continue from a trained judge's weights (its heads must match)
     vae_pool: int = 4096              # with a VAE: the first this many pool people are also seen reconstructed
+    parse_stride: int = 4             # JudgeConfig.parse_stride of a new judge (2: regions read at 1/2 of the side)
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -464,7 +475,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
                   for i in tqdm(range(0, n_vae, 256), desc="VAE reconstructions", disable=not progress)]
         pool_vae = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
         augment, vae_p = replace(augment, vae=None), augment.vae_p
-    jcfg = JudgeConfig(heads=heads, size=cfg.size)
+    jcfg = JudgeConfig(heads=heads, size=cfg.size, parse_stride=cfg.parse_stride)
     net = JudgeNet(jcfg)
     previous = None
     if cfg.init:
@@ -487,7 +498,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         x = pool[idx] if pool_vae is None else torch.where(rec[:, None, None, None], pool_vae[idx % len(pool_vae)],
                                                            pool[idx])
         x, onehot = augment(x.float() / 255.0, g, onehot)
-        share = F.avg_pool2d(onehot, 4)                    # each cell's label shares: small parts survive
+        share = F.avg_pool2d(onehot, jcfg.parse_stride)    # each cell's label shares: small parts survive
         t = y[idx]
         logits, parse = net(x)
         losses = [F.cross_entropy(logits[q], t[:, k], ignore_index=-1)

@@ -133,6 +133,20 @@ def test_save_load_roundtrip(tmp_path):
 def test_bad_size_error():
     with pytest.raises(ValueError, match="divisible"):
         JudgeConfig(heads={"wear_hat": ["yes", "no"]}, size=50)
+    with pytest.raises(ValueError, match="parse_stride"):
+        JudgeConfig(heads={"wear_hat": ["yes", "no"]}, parse_stride=8)
+
+
+def test_fine_parse_stride_reads_regions_at_half_the_side(tmp_path):
+    from cosmiclite.judge import TrainConfig, train_judge
+    judge, info = train_judge(TrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2),
+                              out=tmp_path / "j.safetensors", progress=False)
+    logits, parse = judge.net(torch.rand(2, 3, 64, 64))
+    assert parse.shape == (2, 18, 32, 32) and judge.net.coords.shape[-1] == 32
+    again = load_judge(tmp_path / "j.safetensors")    # the stride travels in judge.json
+    assert again.cfg.parse_stride == 2 and np.isfinite(info["final_loss"])
+    x = torch.rand(3, 3, 64, 64)
+    torch.testing.assert_close(again.logits(x)["wear_hat"], judge.logits(x)["wear_hat"], atol=0.05, rtol=0.05)  # fp16 file
 
 
 def test_augment_keeps_range_and_changes_images():
