@@ -254,8 +254,9 @@ class Eq3Bracket(torch.autograd.Function):
         ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
     i.e. the per-group Z (B, heads, P, G) routed to the tokens by one matmul with S (r folded into it when
-    rescaled) plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Zᵀ A (one read of the maps). The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and
-    masks in [0, 1] (errors ~1e-7 of the pixel count).
+    rescaled) plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Zᵀ A (one read of the maps).
+    The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the
+    pixel count).
     """
 
     @staticmethod

@@ -21,6 +21,7 @@ import torch
 __all__ = ["global_batch", "MemoryEstimate", "memory_estimate", "memory_table", "fsdp_unit_params",
            "activation_estimate"]
 
+
 def global_batch(batch_size: int, processes: int = 1, grad_accum: int = 1) -> int:
     """Samples per optimizer step: per-process batch × processes × gradient-accumulation steps."""
     return batch_size * processes * grad_accum
