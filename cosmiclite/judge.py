@@ -295,6 +295,34 @@ def load_judge(weights: str | Path | None = None, config: str | Path | None = No
     return CNNJudge(net, cfg)
 
 
+def finer(judge: CNNJudge) -> CNNJudge:
+    """The same judge reading its regions at 1/2 of the side (parse_stride 2), nearly equal in function at the start.
+
+    The stem's features enter the parse layer and every region layer with zero weights, so the parse is the 1/4
+    one upsampled (nearest) and each region's pooled features are those of the 1/4 reading (a mean over four
+    copies of each cell); only the cells' coordinates move (32 cell centres instead of 16). Training from it
+    (`train-judge --init JUDGE --parse-stride 2`) then learns what the finer features add, from the old
+    judge's accuracy rather than from scratch.
+    """
+    if judge.cfg.parse_stride != 4:
+        raise ValueError(f"finer() widens a parse_stride 4 judge; this one has {judge.cfg.parse_stride}")
+    cfg = replace(judge.cfg, parse_stride=2, info={})
+    net = JudgeNet(cfg)
+    sd, w0, hidden = judge.net.state_dict(), cfg.widths[0], cfg.hidden
+    for k, v in net.state_dict().items():
+        old = sd[k]
+        if v.shape == old.shape:
+            v.copy_(old)
+        elif k == "parse.weight":                           # input: [stem (w0) | F]
+            v.zero_()[:, w0:] = old
+        elif k.startswith("region_fc.") and k.endswith(".weight"):   # input: [h | stem (w0) | F | coords | area]
+            v.zero_()
+            v[:, :hidden], v[:, hidden + w0:] = old[:, :hidden], old[:, hidden:]
+        else:
+            raise AssertionError(f"finer(): unexpected shape change of {k}")
+    return CNNJudge(net.train(judge.net.training), cfg, judge.protocol)
+
+
 # ---------------------------------------------------------------------------------------------
 # Augmentation: what a decoder does to an image
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +459,8 @@ class TrainConfig:
     eval_seeds: int = len(HELDOUT_SEEDS)
     init: str | None = None           # continue from a trained judge's weights (its heads must match)
     vae_pool: int = 4096              # with a VAE: the first this many pool people are also seen reconstructed
-    parse_stride: int = 4             # JudgeConfig.parse_stride of a new judge (2: regions read at 1/2 of the side)
+    parse_stride: int = 4             # JudgeConfig.parse_stride (2: regions read at 1/2 of the side); with init, a
+                                      # stride-4 judge asked for 2 is widened by `finer`
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -480,6 +509,8 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     previous = None
     if cfg.init:
         start = load_judge(cfg.init)
+        if cfg.parse_stride < start.cfg.parse_stride:       # widen it: start from its accuracy, read finer
+            start = finer(start)
         if start.cfg.heads != heads or start.cfg.size != cfg.size:
             raise ValueError(f"--init {cfg.init}: its heads/size do not match this toy world's "
                              f"({sorted(set(start.cfg.heads) ^ set(heads))}); train from scratch instead")

@@ -185,3 +185,19 @@ def test_train_judge_runs_and_reconstructs_only_its_vae_pool(tmp_path):
     again, info2 = train_judge(TrainConfig(steps=1, batch=8, pool=40, threads=1, eval_seeds=10,
                                            init=str(tmp_path / "j.safetensors")), out=None, progress=False)
     assert info2["continued_from"]["train"]["steps"] == 3
+
+
+def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
+    from cosmiclite.judge import finer
+    wide = finer(judge)
+    assert wide.cfg.parse_stride == 2 and judge.cfg.parse_stride == 4
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        parse4, parse2 = judge.net(x)[1], wide.net(x)[1]
+    torch.testing.assert_close(parse2, torch.nn.functional.interpolate(parse4, scale_factor=2, mode="nearest"))
+    images = np.stack([p.image for p in people])
+    a, b = judge.answer(images), wide.answer(images)
+    agree = np.mean([x[q] == y[q] for x, y in zip(a, b) for q in x])
+    assert agree > 0.98, agree                         # only the cells' coordinates moved
+    with pytest.raises(ValueError, match="parse_stride"):
+        finer(wide)
