@@ -299,7 +299,7 @@ def _markdown(summary: dict, results: dict) -> str:
     lo, hi = d["ci95"]
     lines += ["", f"Per-image accuracy, HOLA minus noise only (same captions and seeds): {100 * d['mean']:+.1f} points, "
               f"95 % bootstrap interval {100 * lo:+.1f} to {100 * hi:+.1f} over {d['images']} people"
-              + (": the two cannot be told apart at this size (README records a 160-person run)." if lo < 0 < hi
+              + (": the two cannot be told apart at this size (README records 320-person runs)." if lo < 0 < hi
                  else "."),
               "", "![accuracy](05_accuracy.png)", "", "![samples](06_samples.png)", "",
               "## Training (Eq. 4)", "", "![losses](03_losses.png)", ""]

@@ -400,7 +400,8 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
                 A = A.mean(1, keepdim=True)
             H = A.shape[1]
             # Eq. 3's bracket per (sample, head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, with each
-            # m_j first rescaled as cfg.normalize says (per layer, head, token; `normalize_maps`, done in place).
+            # m_j first rescaled as cfg.normalize says (per layer, head, token; folded into Eq3Bracket, the
+            # same scale as `normalize_maps`).
             e_tok, e_grp = Eq3Bracket.apply(A, h, S, n, cfg.normalize, area, cfg.eps)   # (B,H,G) each
             if cfg.pixel_reduction == "mean":                          # ‖·‖² averaged over pixels (an MSE)
                 e_tok, e_grp = e_tok / P, e_grp / P

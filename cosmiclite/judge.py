@@ -306,7 +306,8 @@ def finer(judge: CNNJudge) -> CNNJudge:
     """
     if judge.cfg.parse_stride != 4:
         raise ValueError(f"finer() widens a parse_stride 4 judge; this one has {judge.cfg.parse_stride}")
-    cfg = replace(judge.cfg, parse_stride=2, info={})
+    # the info (training history, held-out accuracy) stays: train_judge records it as `continued_from`
+    cfg = replace(judge.cfg, parse_stride=2, info={**judge.cfg.info, "widened_by": "judge.finer (parse_stride 4 -> 2)"})
     net = JudgeNet(cfg)
     sd, w0, hidden = judge.net.state_dict(), cfg.widths[0], cfg.hidden
     for k, v in net.state_dict().items():

@@ -147,6 +147,12 @@ def test_fine_parse_stride_reads_regions_at_half_the_side(tmp_path):
     assert again.cfg.parse_stride == 2 and np.isfinite(info["final_loss"])
     x = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(again.logits(x)["wear_hat"], judge.logits(x)["wear_hat"], atol=0.05, rtol=0.05)  # fp16 file
+    # a stride-4 judge continued at stride 2 is widened first and keeps its history
+    train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j4.safetensors",
+                progress=False)
+    wide, info2 = train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2,
+                                          init=str(tmp_path / "j4.safetensors")), out=None, progress=False)
+    assert wide.cfg.parse_stride == 2 and info2["continued_from"]["train"]["steps"] == 1
 
 
 def test_augment_keeps_range_and_changes_images():
