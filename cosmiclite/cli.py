@@ -184,7 +184,7 @@ def cmd_train_judge(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
                       seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,
                       vae_pool=args.vae_pool, parse_stride=args.parse_stride)
-    augment = Augment()
+    augment = Augment(vae_p=args.vae_p)
     if args.vae:
         from diffusers import AutoencoderKL
         augment.vae = vae_reconstructor(AutoencoderKL.from_pretrained(args.vae))
@@ -192,7 +192,7 @@ def cmd_train_judge(args) -> int:
     command = (f"cosmiclite train-judge --steps {cfg.steps} --batch {cfg.batch} --pool {cfg.pool} "
                f"--eval-seeds {cfg.eval_seeds} --threads {cfg.threads} --seed {cfg.seed}"
                + f" --lr {cfg.lr}" + (f" --init {args.init}" if args.init else "")
-               + (f" --vae {args.vae} --vae-pool {cfg.vae_pool}" if args.vae else "")
+               + (f" --vae {args.vae} --vae-pool {cfg.vae_pool} --vae-p {augment.vae_p}" if args.vae else "")
                + (f" --parse-stride {cfg.parse_stride}" if cfg.parse_stride != 4 else "")
                + (f" --out {args.out}" if args.out else ""))
     _, info = train_judge(cfg, augment, out=out, command=command)
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder: also train on its reconstructions")
     s.add_argument("--vae-pool", type=int, default=4096, help="with --vae: how many pool people are also seen "
                    "reconstructed (reconstructed once, ~80 ms each on one core; default 4096)")
+    s.add_argument("--vae-p", type=float, default=0.5, help="with --vae: the share of each batch drawn from the "
+                   "reconstructions (default 0.5; a small --vae-pool seen that often is memorised)")
     s.add_argument("--parse-stride", type=int, choices=(2, 4), default=4, help="read each region's features at 1/4 "
                    "of the image side (default) or 1/2 (more pixels for small parts: hats, bags, belts)")
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "

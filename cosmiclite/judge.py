@@ -491,7 +491,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         parsings.append(p.parsing)
         anns.append(p.annotation)
     pool = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()   # uint8 (N, 3, H, W)
-    pool_parsing = torch.from_numpy(np.stack(parsings)).long()                   # (N, H, W) ATR labels
+    pool_parsing = torch.from_numpy(np.stack(parsings))                          # (N, H, W) uint8 ATR labels
     heads = heads_for(anns)
     y = targets(anns, heads)
     del imgs, parsings, anns
@@ -526,7 +526,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         if pool_vae is not None:
             rec = torch.rand(cfg.batch, generator=g) < vae_p
             idx = torch.where(rec, torch.randint(0, len(pool_vae), (cfg.batch,), generator=g), idx)
-        onehot = F.one_hot(pool_parsing[idx], N_LABELS).permute(0, 3, 1, 2).float()
+        onehot = F.one_hot(pool_parsing[idx].long(), N_LABELS).permute(0, 3, 1, 2).float()
         x = pool[idx] if pool_vae is None else torch.where(rec[:, None, None, None], pool_vae[idx % len(pool_vae)],
                                                            pool[idx])
         x, onehot = augment(x.float() / 255.0, g, onehot)

@@ -207,3 +207,14 @@ def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
     assert agree > 0.98, agree                         # only the cells' coordinates moved
     with pytest.raises(ValueError, match="parse_stride"):
         finer(wide)
+
+
+def test_train_judge_command_records_the_vae_share(tmp_path):
+    from cosmiclite.cli import main
+    from cosmiclite.models import TOY_MODEL_DIR
+    out = tmp_path / "j.safetensors"
+    assert main(["train-judge", "--steps", "1", "--batch", "8", "--pool", "24", "--eval-seeds", "8", "--threads", "1",
+                 "--vae", str(TOY_MODEL_DIR / "vae"), "--vae-pool", "8", "--vae-p", "0.3", "--out", str(out)]) == 0
+    info = json.loads(out.with_suffix(".json").read_text())["info"]
+    assert info["augment"]["vae_p"] == 0.3 and info["vae_augmented"]
+    assert "--vae-pool 8 --vae-p 0.3" in info["command"]
