@@ -2,8 +2,8 @@
 accuracy), optionally against the same fine-tune without HOLA on the same people, seeds and steps.
 
     python benchmarks/hola_setting.py NAME [--hola '{"beta": 0.1}'] [--steps 200] [--threads 2]
-                                           [--eval-people 24] [--baseline] [--out /tmp/hx] [--reuse]
-                                           [--device cpu|cuda]
+                                           [--eval-people 24] [--seed 0] [--judge J] [--baseline] [--out /tmp/hx]
+                                           [--reuse] [--device cpu|cuda]
 
 The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_beta`) with `--hola`'s keys
 (any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--steps", type=int, default=DemoConfig.steps)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-people", type=int, default=DemoConfig.eval_people)
+    ap.add_argument("--seed", type=int, default=DemoConfig.seed, help="the fine-tune's seed (data order, noise, "
+                    "dropout) and the generation seed; another seed replicates a run (the held-out people stay)")
+    ap.add_argument("--judge", default=None, help="judge weights to read the images with (default: the shipped one)")
     ap.add_argument("--baseline", action="store_true", help="also train beta = 0 and report the paired difference")
     ap.add_argument("--out", default="/tmp/hx")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -71,10 +74,11 @@ def main():
                     "new judge) instead of training them again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = DemoConfig(steps=args.steps, eval_people=args.eval_people)
+    cfg = DemoConfig(steps=args.steps, eval_people=args.eval_people, seed=args.seed)
     out = Path(args.out)
-    people, judge = held_out_people(cfg.eval_people), load_judge()
-    result = {"name": args.name, "eval_people": cfg.eval_people, "threads": args.threads, "device": args.device,
+    people, judge = held_out_people(cfg.eval_people), load_judge(args.judge)
+    result = {"name": args.name, "eval_people": cfg.eval_people, "seed": cfg.seed, "judge": args.judge or "shipped",
+              "threads": args.threads, "device": args.device,
               "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads, args.reuse,
                           args.device)}
     if args.baseline:
