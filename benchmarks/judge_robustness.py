@@ -6,7 +6,7 @@ noised, and passed through the toy model's VAE (what every generated image goes 
 For each judge (default: the shipped one) prints and records Acc_all and the four weakest questions on each
 version of the images, and the ratio degraded / clean; seeds 0..people-1 (held out from the judge's training).
 Parent rule "independent" (each question scored on its own), as the judge's recorded held-out accuracy.
-Writes benchmarks/results/judge_robustness-DEVICE.json.
+Writes benchmarks/results/judge_robustness-DEVICE.json (adding to the judges recorded there for the same people).
 """
 import argparse
 import json
@@ -58,7 +58,11 @@ def main(argv=None):
               "people": args.people, "seeds": [0, args.people - 1], "vae": "cosmiclite/assets/toy_model/vae",
               "judges": out}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"judge_robustness-{result['device']}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = RESULTS / f"judge_robustness-{result['device']}.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if earlier.get("people") == args.people:   # the same people: keep the judges measured before beside these
+        result["judges"] = {**earlier.get("judges", {}), **out}
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

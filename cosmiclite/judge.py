@@ -192,9 +192,9 @@ class JudgeNet(nn.Module):
     Why: a colour, pattern or length answer is then nearly a linear read-out of one pooled region,
     wherever the person stands and however large they are. Measured here (800 steps of batch 64, same
     data, seeds 0..999): a flatten-then-MLP judge reached Acc_all 0.58, this one 0.77.
-    But: small parts of full-body shots (hat, bag, belt: 12-32 pixels at 64x64) are still often missed
-    by the shipped judge (14,000 steps in two stages), since F has a quarter of the image's side; see
-    info.heldout in judge.json for every question (parse_stride 2 reads them better: README, the judge).
+    But: small parts of full-body shots (hat, bag, belt: 12-32 pixels at 64x64) are still often missed,
+    F having a quarter of the image's side; parse_stride 2 reads them better (the shipped judge does; its
+    info.heldout in judge.json has every question; README, the judge).
     """
 
     def __init__(self, cfg: JudgeConfig):
