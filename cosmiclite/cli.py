@@ -183,7 +183,7 @@ def cmd_train_judge(args) -> int:
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
                       seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,
-                      vae_pool=args.vae_pool, parse_stride=args.parse_stride)
+                      vae_pool=args.vae_pool, parse_stride=args.parse_stride, fine_blocks=args.fine_blocks)
     augment = Augment(vae_p=args.vae_p)
     if args.vae:
         from diffusers import AutoencoderKL
@@ -194,6 +194,7 @@ def cmd_train_judge(args) -> int:
                + f" --lr {cfg.lr}" + (f" --init {args.init}" if args.init else "")
                + (f" --vae {args.vae} --vae-pool {cfg.vae_pool} --vae-p {augment.vae_p}" if args.vae else "")
                + (f" --parse-stride {cfg.parse_stride}" if cfg.parse_stride != 4 else "")
+               + (f" --fine-blocks {cfg.fine_blocks}" if cfg.fine_blocks else "")
                + (f" --out {args.out}" if args.out else ""))
     _, info = train_judge(cfg, augment, out=out, command=command)
     h = info["heldout"]
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reconstructions (default 0.5; a small --vae-pool seen that often is memorised)")
     s.add_argument("--parse-stride", type=int, choices=(2, 4), default=4, help="read each region's features at 1/4 "
                    "of the image side (default) or 1/2 (more pixels for small parts: hats, bags, belts)")
+    s.add_argument("--fine-blocks", type=int, default=0, help="residual conv blocks on the features at 1/2 of the "
+                   "side (default 0; with --init, a judge with fewer is deepened, starting equal in function)")
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
                    "the JSON config goes beside it)")
     s.set_defaults(run=cmd_train_judge)

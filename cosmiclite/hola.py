@@ -261,7 +261,8 @@ class Eq3Bracket(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, h, S, n, normalize="none", area=None, eps=1e-6):
-        B, H, P, T = A.shape
+        view, A = A, A.contiguous()    # the caller's maps are a column slice: reductions over pixels on a strided
+        B, H, P, T = A.shape           # view run ~10x slower (max) than a copy costs; the view is what is saved
         G = h.shape[1]
         n1 = n.clamp_min(1)
         Sn = (S / n1[..., None]).transpose(1, 2)                                                # (B,T,G)
@@ -291,7 +292,7 @@ class Eq3Bracket(torch.autograd.Function):
         tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross \
             + (n * torch.linalg.vecdot(h, h, dim=-1))[:, None]                                  # Σ_j ‖y_j − h_i‖²
         ctx.normalize = normalize
-        ctx.save_for_backward(A, d, h, S, n1, r, live, top, a2, mass)
+        ctx.save_for_backward(view, d, h, S, n1, r, live, top, a2, mass)
         return tok, grp
 
     @staticmethod
@@ -299,6 +300,7 @@ class Eq3Bracket(torch.autograd.Function):
         A, d, h, S, n1, r, live, top, a2, mass = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
+        A = A.contiguous()             # again a copy of the slice, not kept between forward and backward
         hT = h.transpose(1, 2).unsqueeze(1)
         Z = (2 * g_grp / n1[:, None])[:, :, None] * d - (2 * g_tok)[:, :, None] * hT               # (B,H,P,G)
         c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group

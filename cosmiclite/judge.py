@@ -144,6 +144,7 @@ class JudgeConfig:
     hidden: int = 256
     region_dim: int = 128
     parse_stride: int = 4                       # parse and pool regions at 1/4 of the side, or 1/2 (small parts)
+    fine_blocks: int = 0                        # residual conv blocks on the stem's features (1/2 of the side)
     info: dict = field(default_factory=dict)    # training command, seeds, held-out accuracy, time
 
     def __post_init__(self):
@@ -153,6 +154,8 @@ class JudgeConfig:
         if self.size % 16:
             raise ValueError(f"judge size {self.size} is not divisible by 16 (the network's total stride); "
                              "use a multiple of 16, e.g. 64")
+        if self.fine_blocks < 0:
+            raise ValueError(f"judge fine_blocks {self.fine_blocks}: use 0 or more residual blocks")
         if self.parse_stride not in (2, 4):
             raise ValueError(f"judge parse_stride {self.parse_stride}: use 4 (regions read at 1/4 of the side) or "
                              "2 (at 1/2, for small parts)")
@@ -168,12 +171,24 @@ class JudgeConfig:
                    regions={k: [int(x) for x in v] for k, v in d["regions"].items()}, size=int(d["size"]),
                    widths=tuple(int(w) for w in d["widths"]), hidden=int(d["hidden"]),
                    region_dim=int(d["region_dim"]), parse_stride=int(d.get("parse_stride", 4)),
+                   fine_blocks=int(d.get("fine_blocks", 0)),
                    info=dict(d.get("info", {})))
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    """x -> ReLU(x + BN(conv(ReLU(BN(conv(x)))))): more depth at one resolution (the ResNet basic block)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(c, c), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
 
 
 class JudgeNet(nn.Module):
@@ -186,7 +201,8 @@ class JudgeNet(nn.Module):
        pool F over the predicted region — with the cells' (y, x, y^2, x^2) appended, so where and how
        long a part is (sleeve, hem, hair length) survives pooling — and take its log-area.
     3. A global vector h (F further strided to 4x4, flattened: shot type, scene, the person's scale).
-    With parse_stride 2, steps 1-2 run at 1/2 of the side instead, on the stem's features beside F upsampled.
+    With parse_stride 2, steps 1-2 run at 1/2 of the side instead, on the stem's features beside F upsampled;
+    `fine_blocks` residual blocks deepen those stem features first (one conv sees only 3x3 pixels).
     Each region gets z = ReLU(W[h, pooled, log-area]); each question's head reads its region's z.
 
     Why: a colour, pattern or length answer is then nearly a linear read-out of one pooled region,
@@ -202,6 +218,7 @@ class JudgeNet(nn.Module):
         w = cfg.widths
         self.trunk = nn.Sequential(_conv(3, w[0], 2), _conv(w[0], w[1], 2), _conv(w[1], w[2]),
                                    _conv(w[2], w[3], dilation=2))
+        self.refine = nn.Sequential(*(_Residual(w[0]) for _ in range(cfg.fine_blocks)))  # at 1/2 of the side
         self.fine = cfg.parse_stride == 2
         c = w[3] + (w[0] if self.fine else 0)                                    # channels read per region
         self.parse = nn.Conv2d(c, N_LABELS, 1)
@@ -220,7 +237,7 @@ class JudgeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """x (B, 3, H, W) in [0, 1] -> (logits per question, parsing logits (B, 18, H/s, W/s), s = parse_stride)."""
-        f2 = self.trunk[0](x * 2 - 1)                                            # 1/2 of the side
+        f2 = self.refine(self.trunk[0](x * 2 - 1))                               # 1/2 of the side
         f4 = self.trunk[1:](f2)                                                  # F, 1/4
         h = self.down(f4)
         f = torch.cat([f2, F.interpolate(f4, scale_factor=2, mode="nearest")], 1) if self.fine else f4
@@ -321,6 +338,27 @@ def finer(judge: CNNJudge) -> CNNJudge:
             v[:, :hidden], v[:, hidden + w0:] = old[:, :hidden], old[:, hidden:]
         else:
             raise AssertionError(f"finer(): unexpected shape change of {k}")
+    return CNNJudge(net.train(judge.net.training), cfg, judge.protocol)
+
+
+def deeper(judge: CNNJudge, blocks: int = 1) -> CNNJudge:
+    """The same judge with `blocks` more residual blocks on its stem's features, equal in function at the start.
+
+    Each new block's last BatchNorm has zero scale, so the block adds nothing (x -> ReLU(x + 0) = x, the stem's
+    output being >= 0) until training grows it: `train-judge --init JUDGE --fine-blocks N` deepens a judge with
+    fewer blocks this way and trains from its accuracy. What for: the small parts and fine shapes (a cap's visor,
+    a hood, a bag's strap: 1-3 pixels in a full-body shot) are read from the stem's features at 1/2 of the side.
+    """
+    if blocks < 1:
+        raise ValueError(f"deeper(blocks={blocks}): add at least one block")
+    cfg = replace(judge.cfg, fine_blocks=judge.cfg.fine_blocks + blocks,
+                  info={**judge.cfg.info, "deepened_by": f"judge.deeper (+{blocks} fine blocks)"})
+    net = JudgeNet(cfg)
+    missing, unexpected = net.load_state_dict(judge.net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("refine.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in net.refine[judge.cfg.fine_blocks:]:
+            block.body[-1].weight.zero_()
     return CNNJudge(net.train(judge.net.training), cfg, judge.protocol)
 
 
@@ -462,6 +500,7 @@ class TrainConfig:
     vae_pool: int = 4096              # with a VAE: the first this many pool people are also seen reconstructed
     parse_stride: int = 4             # JudgeConfig.parse_stride (2: regions read at 1/2 of the side); with init, a
                                       # stride-4 judge asked for 2 is widened by `finer`
+    fine_blocks: int = 0              # JudgeConfig.fine_blocks; with init, a judge with fewer is deepened by `deeper`
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -505,13 +544,15 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
                   for i in tqdm(range(0, n_vae, 256), desc="VAE reconstructions", disable=not progress)]
         pool_vae = (torch.cat(chunks).clamp(0, 1) * 255).round().to(torch.uint8)
         augment, vae_p = replace(augment, vae=None), augment.vae_p
-    jcfg = JudgeConfig(heads=heads, size=cfg.size, parse_stride=cfg.parse_stride)
+    jcfg = JudgeConfig(heads=heads, size=cfg.size, parse_stride=cfg.parse_stride, fine_blocks=cfg.fine_blocks)
     net = JudgeNet(jcfg)
     previous = None
     if cfg.init:
         start = load_judge(cfg.init)
         if cfg.parse_stride < start.cfg.parse_stride:       # widen it: start from its accuracy, read finer
             start = finer(start)
+        if cfg.fine_blocks > start.cfg.fine_blocks:          # deepen it: new blocks start as the identity
+            start = deeper(start, cfg.fine_blocks - start.cfg.fine_blocks)
         if start.cfg.heads != heads or start.cfg.size != cfg.size:
             raise ValueError(f"--init {cfg.init}: its heads/size do not match this toy world's "
                              f"({sorted(set(start.cfg.heads) ^ set(heads))}); train from scratch instead")

@@ -15,6 +15,9 @@ How the answers are decided (the honesty rules):
   (>= `present_px`), a pattern needs `detail_px` of them, and a length or type needs its end in frame
   (e.g. the length of full-length pants is "not visible" in a nearly-full-body shot), and the finest shapes
   (necklines: `FINE_QUESTIONS`) need a drawing scale of `FINE_PX_PER_UNIT` pixels per body height;
+* what the drawing cannot tell apart is not asked: a dress's bodice is drawn as a top is, so whether a
+  person wears a top or a dress (and all that follows from it) needs the frame to reach the hips
+  (`_GARMENT_TOLD_Y`); and a belt never takes the colour of the garments it sits on (it would vanish);
 * everything is a small, flat-coloured, clearly separated shape so that a 64x64 render really shows it.
 
 Left and right follow the person (anatomical convention, as the LIP/ATR labels are used by SCHP, whose
@@ -286,8 +289,9 @@ def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
         if w["bottoms_type"] == "skirt":
             w["skirt_shape"] = p("skirt_shape")
     w["wear_belt"] = p("wear_belt")
-    if w["wear_belt"] == "yes":
-        w["belt_color"] = p("belt_color")
+    if w["wear_belt"] == "yes":  # a belt the colour of the garments it sits on would not show: it differs from them
+        under = {w.get("top_color"), w.get("bottoms_color"), w.get("dress_color")}
+        w["belt_color"] = p("belt_color", tuple(c for c in _C if c not in under))
     w["wear_shoes"] = p("wear_shoes")
     if w["wear_shoes"] == "yes":
         hem = HEM_Y[w.get("dress_length") or w["bottoms_length"]]
@@ -570,8 +574,7 @@ def _draw_person(cv: _Canvas, w: dict) -> None:
         cv.trapezoid(g, WAIST_Y - 0.02, hem, -waist_x - 0.004, waist_x + 0.004, -hip_x - spread, hip_x + spread)
 
     # 3. torso (top or bodice), its neckline, a jacket's opening, the belt
-    cv.trapezoid(g, SHOULDER_Y, WAIST_Y + (0.025 if not dress else 0.0), -sh_x, sh_x, -waist_x - 0.006,
-                 waist_x + 0.006)
+    cv.trapezoid(g, SHOULDER_Y, WAIST_Y + 0.025, -sh_x, sh_x, -waist_x - 0.006, waist_x + 0.006)  # a dress's too
     cv.ellipse(g, 0, SHOULDER_Y + 0.014, sh_x, 0.018)  # round shoulders
     collar = w.get("collar", "crew neck")
     if collar == "v-neck":
@@ -685,8 +688,12 @@ _GROUP_QUESTIONS = {  # a worn item: its label(s), its questions answered by pix
 FINE_QUESTIONS = frozenset({"collar"})
 FINE_PX_PER_UNIT = 90.0
 # Where an item's absence can be seen: the frame bottom (v_bot) must reach this y.
-_ABSENCE_VISIBLE = {"hat": -1, "eyewear": -1, "top": 0.3, "bottoms": 0.53, "dress": 0.3, "belt": 0.47,
+_ABSENCE_VISIBLE = {"hat": -1, "eyewear": -1, "top": HIP_Y, "bottoms": 0.53, "dress": HIP_Y, "belt": 0.47,
                     "shoes": SOLE_Y, "bag": 0.57, "scarf": 0.3, "hair": -1}
+# A dress's bodice is drawn as a top is (same outline, neckline and sleeves): which of the two a person wears
+# shows only from the waist down (the top's hem over the bottoms, or the dress's skirt). Above that frame
+# bottom every top and dress question is "not visible" (a portrait shows a garment, not which one).
+_GARMENT_TOLD_Y = HIP_Y
 
 
 def _geometry_visible(qid: str, w: dict, v_bot: float) -> bool:
@@ -741,6 +748,10 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
                 continue
         elif w[wear_q] != "yes":
             a[wear_q] = "no" if inside(_ABSENCE_VISIBLE[item]) else NOT_VISIBLE
+            continue
+        if item in ("top", "dress") and not inside(_GARMENT_TOLD_Y):
+            for q in (*by_pixels, *by_detail, *by_geometry):
+                a[q] = NOT_VISIBLE
             continue
         if item == "bottoms" and w["bottoms_type"] != "skirt":
             by_geometry = by_geometry[:2]  # skirt_shape stays "not applicable"

@@ -215,12 +215,40 @@ def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
         finer(wide)
 
 
-def test_train_judge_command_records_the_vae_share(tmp_path):
+def test_deeper_adds_blocks_without_changing_what_the_judge_says(judge, people, tmp_path):
+    from cosmiclite.judge import TrainConfig, deeper, train_judge
+    deep = deeper(judge)
+    assert deep.cfg.fine_blocks == judge.cfg.fine_blocks + 1 and len(deep.net.refine) == deep.cfg.fine_blocks
+    assert sum(p.numel() for p in deep.net.parameters()) > sum(p.numel() for p in judge.net.parameters())
+    x = torch.from_numpy(np.stack([p.image for p in people[:32]])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        (l0, parse0), (l1, parse1) = judge.net(x), deep.net(x)
+    torch.testing.assert_close(parse1, parse0)
+    for q in l0:
+        torch.testing.assert_close(l1[q], l0[q])
+    with pytest.raises(ValueError, match="at least one"):
+        deeper(judge, 0)
+    # the blocks travel in judge.json; train_judge deepens an --init judge with fewer, then they learn
+    deep.save(tmp_path / "d.safetensors")
+    assert load_judge(tmp_path / "d.safetensors").cfg.fine_blocks == deep.cfg.fine_blocks
+    train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j.safetensors",
+                progress=False)
+    grown, info = train_judge(TrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, fine_blocks=2,
+                                          init=str(tmp_path / "j.safetensors")), out=None, progress=False)
+    assert grown.cfg.fine_blocks == 2 and info["continued_from"]["train"]["fine_blocks"] == 0
+    assert all(b.body[-1].weight.abs().sum() > 0 for b in grown.net.refine)   # trained away from zero
+    with pytest.raises(ValueError, match="fine_blocks"):
+        JudgeConfig(heads={"wear_hat": ["yes", "no"]}, fine_blocks=-1)
+
+
+def test_train_judge_command_records_the_vae_share_and_blocks(tmp_path):
     from cosmiclite.cli import main
     from cosmiclite.models import TOY_MODEL_DIR
     out = tmp_path / "j.safetensors"
     assert main(["train-judge", "--steps", "1", "--batch", "8", "--pool", "24", "--eval-seeds", "8", "--threads", "1",
-                 "--vae", str(TOY_MODEL_DIR / "vae"), "--vae-pool", "8", "--vae-p", "0.3", "--out", str(out)]) == 0
-    info = json.loads(out.with_suffix(".json").read_text())["info"]
-    assert info["augment"]["vae_p"] == 0.3 and info["vae_augmented"]
-    assert "--vae-pool 8 --vae-p 0.3" in info["command"]
+                 "--vae", str(TOY_MODEL_DIR / "vae"), "--vae-pool", "8", "--vae-p", "0.3", "--fine-blocks", "1",
+                 "--out", str(out)]) == 0
+    cfg = json.loads(out.with_suffix(".json").read_text())
+    info = cfg["info"]
+    assert info["augment"]["vae_p"] == 0.3 and info["vae_augmented"] and cfg["fine_blocks"] == 1
+    assert "--vae-pool 8 --vae-p 0.3" in info["command"] and "--fine-blocks 1" in info["command"]

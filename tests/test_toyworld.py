@@ -129,6 +129,50 @@ def test_small_shapes_are_answered_only_when_drawn_large_enough(people):
                for a in (p.annotation.answers for p in people))
 
 
+def _draw(outfit, v_top=-0.04, v_bot=0.32, size=64):
+    """Paint an outfit in a fixed frame on a flat wall: (image, parsing)."""
+    from cosmiclite.toyworld import _Canvas, _draw_person
+    scale = size / (v_bot - v_top)
+    cv = _Canvas(size, scale, -size / 2 / scale, v_top)
+    _draw_person(cv, outfit)
+    return cv.finish((200, 200, 200))
+
+
+def test_a_portrait_cannot_tell_a_top_from_a_dress_so_it_does_not_say():
+    """A dress's bodice is drawn as a t-shirt or tank top is: cut at the chest, the two images are the same
+    pixels with different parsing labels, so neither "wear_top" nor "wear_dress" may be answered there."""
+    differ = lambda a, b: (np.abs(a.astype(int) - b).sum(-1) > 30).sum()  # noqa: E731
+    dress = [p for p in map(render, range(3000)) if p.worn["wear_dress"] == "yes"][:20]
+    for p in dress:
+        top = dict(p.worn, wear_dress="no", wear_top="yes", wear_bottoms="yes", top_color=p.worn["dress_color"],
+                   top_pattern=p.worn["dress_pattern"], sleeve_length=p.worn["dress_sleeve"], collar="crew neck",
+                   top_type="tank top" if p.worn["dress_sleeve"] == "sleeveless" else "t-shirt",
+                   bottoms_type="skirt", bottoms_length="knee-length", skirt_shape="a-line",
+                   bottoms_color=p.worn["dress_color"], bottoms_pattern="solid color")
+        for v_bot in (0.30, 0.34):                                    # a portrait's frame bottoms
+            (img_d, par_d), (img_t, par_t) = _draw(p.worn, v_bot=v_bot), _draw(top, v_bot=v_bot)
+            assert differ(img_d, img_t) == 0 and (par_d == DRESS).sum() > 100 and (par_t == TOP).sum() > 100, p.seed
+        (img_d, _), (img_t, _) = _draw(p.worn, v_bot=1.05), _draw(top, v_bot=1.05)   # the full figure differs
+        assert differ(img_d, img_t) >= 6, p.seed
+    garment = ("wear_top", "wear_dress", "top_color", "top_type", "collar", "dress_color", "dress_length")
+    shots = {}
+    for p in map(render, range(400)):
+        a = p.annotation.answers
+        shots.setdefault(a["shot_type"], []).append(a)
+    for a in shots["portrait"] + shots["headshot"]:
+        assert a["wear_top"] == a["wear_dress"] == NOT_VISIBLE
+        assert all(a[q] in (NOT_VISIBLE, NOT_APPLICABLE) for q in garment), a
+    for a in shots["upper body"] + shots["full body"]:
+        assert {a["wear_top"], a["wear_dress"]} == {"yes", "no"}
+
+
+def test_a_belt_never_takes_the_colour_of_the_garments_it_sits_on():
+    belts = [p.worn for p in map(render, range(1500)) if p.worn["wear_belt"] == "yes"]
+    assert len(belts) > 200 and len({w["belt_color"] for w in belts}) == len(COLORS)
+    for w in belts:
+        assert w["belt_color"] not in (w.get("top_color"), w.get("bottoms_color"), w.get("dress_color")), w
+
+
 def test_left_parts_are_the_persons_left_on_the_image_right(people):
     n = 0
     for p in people:
