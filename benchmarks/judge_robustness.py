@@ -6,9 +6,12 @@ noised, and passed through the toy model's VAE (what every generated image goes 
 For each judge (default: the shipped one) prints and records Acc_all and the four weakest questions on each
 version of the images, and the ratio degraded / clean; seeds 0..people-1 (held out from the judge's training).
 Parent rule "independent" (each question scored on its own), as the judge's recorded held-out accuracy.
-Writes benchmarks/results/judge_robustness-DEVICE.json (adding to the judges recorded there for the same people).
+Writes benchmarks/results/judge_robustness-DEVICE.json, adding to the judges recorded there for the same people of
+the same toy world ("world": a fingerprint of their images and annotations); judges measured on a world since
+changed are kept apart, under "earlier_worlds".
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +36,8 @@ def main(argv=None):
     from diffusers import AutoencoderKL
 
     images, annotations = render_batch(range(args.people))
+    world = hashlib.sha256(images.tobytes() + json.dumps([a.answers for a in annotations], sort_keys=True).encode()
+                           ).hexdigest()[:16]
     clean = as_batch(images, 64)
     rec = vae_reconstructor(AutoencoderKL.from_pretrained(TOY_MODEL_DIR / "vae"))
     versions = {
@@ -56,12 +61,16 @@ def main(argv=None):
     result = {"benchmark": "judge_robustness", "device": f"cpu-{os.cpu_count()}core",
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
               "people": args.people, "seeds": [0, args.people - 1], "vae": "cosmiclite/assets/toy_model/vae",
-              "judges": out}
+              "world": world, "judges": out}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"judge_robustness-{result['device']}.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
-    if earlier.get("people") == args.people:   # the same people: keep the judges measured before beside these
+    result["earlier_worlds"] = earlier.get("earlier_worlds", [])
+    if earlier.get("people") == args.people and earlier.get("world") == world:   # the same people, drawn alike
         result["judges"] = {**earlier.get("judges", {}), **out}
+    elif earlier.get("judges"):                 # measured on other people, or before the toy world changed
+        keys = ("people", "world", "command", "judges")
+        result["earlier_worlds"].append({k: earlier[k] for k in keys if k in earlier})
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 

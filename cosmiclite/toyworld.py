@@ -574,7 +574,7 @@ def _draw_person(cv: _Canvas, w: dict) -> None:
         cv.trapezoid(g, WAIST_Y - 0.02, hem, -waist_x - 0.004, waist_x + 0.004, -hip_x - spread, hip_x + spread)
 
     # 3. torso (top or bodice), its neckline, a jacket's opening, the belt
-    cv.trapezoid(g, SHOULDER_Y, WAIST_Y + 0.025, -sh_x, sh_x, -waist_x - 0.006, waist_x + 0.006)  # a dress's too
+    cv.trapezoid(g, SHOULDER_Y, WAIST_Y + 0.025, -sh_x, sh_x, -waist_x - 0.006, waist_x + 0.006)  # dresses too
     cv.ellipse(g, 0, SHOULDER_Y + 0.014, sh_x, 0.018)  # round shoulders
     collar = w.get("collar", "crew neck")
     if collar == "v-neck":
