@@ -687,13 +687,13 @@ _GROUP_QUESTIONS = {  # a worn item: its label(s), its questions answered by pix
 # (pixels per person height; ~55 in a 64-pixel full-body shot, ~105 in an upper-body one).
 FINE_QUESTIONS = frozenset({"collar"})
 FINE_PX_PER_UNIT = 90.0
-# Where an item's absence can be seen: the frame bottom (v_bot) must reach this y.
-_ABSENCE_VISIBLE = {"hat": -1, "eyewear": -1, "top": HIP_Y, "bottoms": 0.53, "dress": HIP_Y, "belt": 0.47,
-                    "shoes": SOLE_Y, "bag": 0.57, "scarf": 0.3, "hair": -1}
 # A dress's bodice is drawn as a top is (same outline, neckline and sleeves): which of the two a person wears
 # shows only from the waist down (the top's hem over the bottoms, or the dress's skirt). Above that frame
 # bottom every top and dress question is "not visible" (a portrait shows a garment, not which one).
 _GARMENT_TOLD_Y = HIP_Y
+# Where an item's absence can be seen: the frame bottom (v_bot) must reach this y.
+_ABSENCE_VISIBLE = {"hat": -1, "eyewear": -1, "top": _GARMENT_TOLD_Y, "bottoms": 0.53, "dress": _GARMENT_TOLD_Y,
+                    "belt": 0.47, "shoes": SOLE_Y, "bag": 0.57, "scarf": 0.3, "hair": -1}
 
 
 def _geometry_visible(qid: str, w: dict, v_bot: float) -> bool:
@@ -749,14 +749,11 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
         elif w[wear_q] != "yes":
             a[wear_q] = "no" if inside(_ABSENCE_VISIBLE[item]) else NOT_VISIBLE
             continue
-        if item in ("top", "dress") and not inside(_GARMENT_TOLD_Y):
-            for q in (*by_pixels, *by_detail, *by_geometry):
-                a[q] = NOT_VISIBLE
-            continue
         if item == "bottoms" and w["bottoms_type"] != "skirt":
             by_geometry = by_geometry[:2]  # skirt_shape stays "not applicable"
         px = sum(counts[k] for k in labels)
-        if px < present_px:
+        told = item not in ("top", "dress") or inside(_GARMENT_TOLD_Y)   # which garment it is, if it is one of those
+        if px < present_px or not told:
             for q in (*by_pixels, *by_detail, *by_geometry):
                 a[q] = NOT_VISIBLE
             continue
