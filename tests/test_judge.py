@@ -205,7 +205,7 @@ def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
     coarse = CNNJudge(net, cfg)
     wide = finer(coarse)
     assert wide.cfg.parse_stride == 2 and coarse.cfg.parse_stride == 4
-    x = torch.from_numpy(np.stack([p.image for p in people])).permute(0, 3, 1, 2).float() / 255
+    x = as_batch(np.stack([p.image for p in people]), 64)
     with torch.no_grad():
         (l4, parse4), (l2, parse2) = coarse.net(x), wide.net(x)
     torch.testing.assert_close(parse2, torch.nn.functional.interpolate(parse4, scale_factor=2, mode="nearest"))
@@ -220,7 +220,7 @@ def test_deeper_adds_blocks_without_changing_what_the_judge_says(judge, people, 
     deep = deeper(judge)
     assert deep.cfg.fine_blocks == judge.cfg.fine_blocks + 1 and len(deep.net.refine) == deep.cfg.fine_blocks
     assert sum(p.numel() for p in deep.net.parameters()) > sum(p.numel() for p in judge.net.parameters())
-    x = torch.from_numpy(np.stack([p.image for p in people[:32]])).permute(0, 3, 1, 2).float() / 255
+    x = as_batch(np.stack([p.image for p in people[:32]]), 64)
     with torch.no_grad():
         (l0, parse0), (l1, parse1) = judge.net(x), deep.net(x)
     torch.testing.assert_close(parse1, parse0)

@@ -138,7 +138,7 @@ def _draw(outfit, v_top=-0.04, v_bot=0.32, size=64):
     return cv.finish((200, 200, 200))
 
 
-def test_a_portrait_cannot_tell_a_top_from_a_dress_so_it_does_not_say():
+def test_a_portrait_cannot_tell_a_top_from_a_dress_so_it_does_not_say(people):
     """A dress's bodice is drawn as a t-shirt or tank top is: cut at the chest, the two images are the same
     pixels with different parsing labels, so neither "wear_top" nor "wear_dress" may be answered there."""
     differ = lambda a, b: (np.abs(a.astype(int) - b).sum(-1) > 30).sum()  # noqa: E731
@@ -156,7 +156,7 @@ def test_a_portrait_cannot_tell_a_top_from_a_dress_so_it_does_not_say():
         assert differ(img_d, img_t) >= 6, p.seed
     garment = ("wear_top", "wear_dress", "top_color", "top_type", "collar", "dress_color", "dress_length")
     shots = {}
-    for p in map(render, range(400)):
+    for p in people:
         a = p.annotation.answers
         shots.setdefault(a["shot_type"], []).append(a)
     for a in shots["portrait"] + shots["headshot"]:
