@@ -56,6 +56,7 @@ def main(argv=None):
             row[name] = {"acc_all": round(res.acc_all, 4), "weakest": {q.id: round(q.accuracy, 3) for q in weakest}}
         row["ratio"] = {k: round(row[k]["acc_all"] / row["clean"]["acc_all"], 4) for k in ("blur_noise", "vae")}
         row["trained"] = judge.cfg.info.get("command")
+        row["shifts"] = [list(sh) for sh in judge.cfg.shifts]     # the readings averaged (JudgeConfig.shifts)
         out[path] = row
         print(path, json.dumps(row))
     result = {"benchmark": "judge_robustness", "device": f"cpu-{os.cpu_count()}core",

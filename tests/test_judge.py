@@ -130,6 +130,42 @@ def test_save_load_roundtrip(tmp_path):
         assert (a["hat_color"] == "not applicable") == (a["wear_hat"] == "no")
 
 
+def test_shifted_moves_the_image_and_repeats_its_edge():
+    from cosmiclite.judge import shifted
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, :, 3, 5] = 1.0
+    x[0, 1, :, 0] = 0.5                              # the left edge column, green
+    down_left = shifted(x, 1, -1)
+    assert down_left[0, 0, 4, 4] == 1 and down_left[0, 0].sum() == 1
+    assert shifted(x, 0, 2)[0, 1, :, :3].eq(0.5).all()   # the gap the shift opens repeats the edge
+    assert shifted(x, 0, 0) is x
+    assert torch.equal(shifted(shifted(x, 0, 1), 0, -1)[..., :-1], x[..., :-1])
+
+
+def test_the_judge_averages_its_readings_over_the_shifts(tmp_path, people):
+    from cosmiclite.judge import SHIFTS, shifted
+    heads = {"wear_hat": ["yes", "no"], "hat_color": list(load_protocol().question("hat_color").answers)}
+    torch.manual_seed(0)
+    net = JudgeNet(JudgeConfig(heads=heads)).eval()
+    one = CNNJudge(net, JudgeConfig(heads=heads, shifts=((0, 0),)))
+    five = CNNJudge(net, JudgeConfig(heads=heads))
+    assert five.cfg.shifts == SHIFTS and len(SHIFTS) == 5
+    x = as_batch([p.image for p in people[:4]], 64)
+    with torch.no_grad():
+        reads = [net(shifted(x, dy, dx))[0]["hat_color"].log_softmax(1) for dy, dx in SHIFTS]
+    torch.testing.assert_close(one.logits(x)["hat_color"], reads[0])
+    torch.testing.assert_close(five.logits(x)["hat_color"], torch.stack(reads).mean(0))
+    assert not torch.allclose(reads[0], reads[1])          # a 1-pixel shift does change what the net reads
+    five.save(tmp_path / "j.safetensors")                  # the shifts travel in judge.json
+    assert load_judge(tmp_path / "j.safetensors").cfg.shifts == SHIFTS
+    one.save(tmp_path / "one.safetensors")
+    assert load_judge(tmp_path / "one.safetensors").cfg.shifts == ((0, 0),)
+    with pytest.raises(ValueError, match="shifts"):
+        JudgeConfig(heads=heads, shifts=())
+    with pytest.raises(ValueError, match="shifts"):
+        JudgeConfig(heads=heads, shifts=((0, 40),))
+
+
 def test_bad_size_error():
     with pytest.raises(ValueError, match="divisible"):
         JudgeConfig(heads={"wear_hat": ["yes", "no"]}, size=50)
