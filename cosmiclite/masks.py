@@ -211,3 +211,51 @@ def plot_mask_set(image: np.ndarray, ms: MaskSet, discretized=None, sizes=None, 
             ax.set_xticks([]), ax.set_yticks([])
     fig.subplots_adjust(left=0.12, right=0.62, top=0.95, bottom=0.02, wspace=0.05, hspace=0.1)
     return fig
+
+
+def mask_set_viewer(seed: int = 0, size: int = 64, sizes=(8, 16, 32), max_seed: int = 9999):
+    """An ipywidgets box to flip through toy people and their mask sets (notebook 03).
+
+    A seed slider; a question and an answer to force (the same seed drawn again with only that answer allowed,
+    through `toyworld.Sampling`, so the rest of the person stays as it was unless the answer changes what else
+    is drawn, e.g. a dress instead of a top); the caption with its groups coloured; and `plot_mask_set`: each
+    group's mask over the image and at each of `sizes`, beside its phrases and token span. Children:
+    ``[HBox([seed, question, answer]), caption (HTML), picture (PNG Image)]``.
+    """
+    import ipywidgets as W
+
+    from . import toyworld
+    from .captions import compose
+    from .discretize import discretize
+    from .viz import _png
+    from .widgets import caption_html
+
+    keep = "(as drawn)"
+    seed_w = W.IntSlider(value=seed, min=0, max=max_seed, description="seed", continuous_update=False)
+    question = W.Dropdown(options=[keep, *toyworld.WORLD_ANSWERS], value=keep, description="force")
+    answer = W.Dropdown(options=[keep], value=keep, description="answer")
+    caption, picture = W.HTML(), W.Image(format="png")
+
+    def draw(_=None):
+        q, a = question.value, answer.value
+        sampling = None
+        if q != keep and a != keep:
+            sampling = toyworld.Sampling(weights={q: {o: float(o == a) for o in toyworld.WORLD_ANSWERS[q]}})
+        person = toyworld.render(seed_w.value, size=size, sampling=sampling)
+        d = discretize(compose(person.annotation))
+        forced = f" · {q} forced to <b>{a}</b> (answered: {person.annotation.answers[q]})" if sampling else ""
+        caption.value = f"seed {seed_w.value}{forced}" + caption_html(d)
+        picture.value = _png(plot_mask_set(person.image, mask_set(person.parsing, "atr", sizes), d, sizes))
+
+    def on_question(_):
+        answer.unobserve(draw, names="value")
+        answer.options = [keep] if question.value == keep else [keep, *toyworld.WORLD_ANSWERS[question.value]]
+        answer.value = keep
+        answer.observe(draw, names="value")
+        draw()
+
+    seed_w.observe(draw, names="value")
+    question.observe(on_question, names="value")
+    answer.observe(draw, names="value")
+    draw()
+    return W.VBox([W.HBox([seed_w, question, answer]), caption, picture])

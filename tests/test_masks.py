@@ -113,3 +113,29 @@ def test_plot_mask_set_draws_one_row_per_present_group_with_its_span():
     for g in d.groups:
         if g.name in ms.names and ms.present[ms.names.index(g.name)]:
             assert any(f"span {g.span}" in t for t in texts), g.name
+
+
+def test_mask_set_viewer_flips_seeds_and_forces_one_answer():
+    import matplotlib
+    matplotlib.use("Agg")
+    from cosmiclite import toyworld
+    from cosmiclite.masks import mask_set_viewer
+
+    box = mask_set_viewer(seed=6, sizes=(8, 16))
+    (seed, question, answer), caption, picture = box.children[0].children, box.children[1], box.children[2]
+    assert bytes(picture.value[:4]) == b"\x89PNG" and caption.value.startswith("seed 6<")
+    assert "cosmiclite-phrase" in caption.value          # the caption with its groups coloured
+    first = bytes(picture.value)
+    seed.value = 8                                       # a nearly full-body person in a grey top
+    assert caption.value.startswith("seed 8<") and bytes(picture.value) != first
+    question.value = "top_color"
+    assert list(answer.options[1:]) == list(toyworld.WORLD_ANSWERS["top_color"])
+    plain = toyworld.render(8).annotation.answers
+    assert plain["top_color"] == "grey"
+    answer.value = "red"
+    assert "top_color forced to <b>red</b> (answered: red)" in caption.value
+    forced = toyworld.render(8, sampling=toyworld.Sampling(
+        weights={"top_color": {c: float(c == "red") for c in toyworld.WORLD_ANSWERS["top_color"]}})).annotation.answers
+    assert {q: a for q, a in forced.items() if q != "top_color"} == {q: a for q, a in plain.items() if q != "top_color"}
+    question.value = "(as drawn)"
+    assert answer.options == ("(as drawn)",) and "forced" not in caption.value
