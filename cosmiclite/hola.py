@@ -311,30 +311,34 @@ class Eq3Bracket(torch.autograd.Function):
         if not any(ctx.needs_input_grad[6:]):
             return none + (None,) * len(maps)
         T = S.shape[-1]
-        A = torch.cat([m[..., :T] for m in maps], 1).to(h.dtype)   # copied again rather than kept from forward
         hT = h.transpose(1, 2).unsqueeze(1)
-        Z = (2 * g_grp / n1[:, None])[:, :, None] * d - (2 * g_tok)[:, :, None] * hT               # (B,H,P,G)
         c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
         S4 = S[:, None]                                   # (B,1,G,T): routes Z_i to the tokens of group i
-        if r is None:                                     # g_j = Z_i + 2 g_tok · m_j
-            grad = (Z @ S4).addcmul_(A, c[:, :, None])
-        else:
-            # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
-            through_r = ((Z.transpose(-1, -2) @ A) * S4).sum(2) + c * r * a2                       # (B,H,T)
-            grad = (Z @ (S4 * r[:, :, None])).addcmul_(A, (c * r * r)[:, :, None])   # r Z_i and r² c m_j, one write
-            if ctx.normalize == "max":
-                grad.scatter_add_(2, top[:, :, None], (-(r * r) * through_r * live)[:, :, None])
+        out, at = [], 0
+        for m in maps:   # layer by layer, each gradient written once, in place, into its full-width tensor
+            k = slice(at, at + m.shape[1])
+            at = k.stop
+            Z = (2 * g_grp[:, k] / n1[:, None])[:, :, None] * d[:, k] - (2 * g_tok[:, k])[:, :, None] * hT  # (B,H,P,G)
+            full = m.new_empty(m.shape)
+            if m.dtype == h.dtype:   # matmuls and elementwise ops read the maps' first T columns in place
+                A, g = m[..., :T], full[..., :T]
+            else:                    # e.g. bf16 maps under autocast: the loss runs in float32
+                A, g = m[..., :T].to(h.dtype), torch.empty(m.shape[:-1] + (T,), dtype=h.dtype, device=m.device)
+            if r is None:                                 # g_j = Z_i + 2 g_tok · m_j
+                torch.matmul(Z, S4, out=g).addcmul_(A, c[:, k, None])
             else:
-                grad.sub_((r / mass.clamp_min(1e-30) * through_r * live)[:, :, None])
-        out = []
-        for m, g in zip(maps, grad.split([m.shape[1] for m in maps], 1)):    # each layer's heads, full width
-            if m.shape[-1] == T:
-                out.append(g.to(m.dtype))
-            else:
-                full = m.new_empty(m.shape)
+                # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
+                rk, ck = r[:, k], c[:, k]
+                through_r = ((Z.transpose(-1, -2) @ A) * S4).sum(2) + ck * rk * a2[:, k]             # (B,H,T)
+                torch.matmul(Z, S4 * rk[:, :, None], out=g).addcmul_(A, (ck * rk * rk)[:, :, None])  # r Z_i + r² c m_j
+                if ctx.normalize == "max":
+                    g.scatter_add_(2, top[:, k, None], (-(rk * rk) * through_r * live[:, k])[:, :, None])
+                else:
+                    g.sub_((rk / mass[:, k].clamp_min(1e-30) * through_r * live[:, k])[:, :, None])
+            if g.data_ptr() != full.data_ptr():
                 full[..., :T] = g
-                full[..., T:] = 0
-                out.append(full)
+            full[..., T:] = 0
+            out.append(full)
         return none + tuple(out)
 
 
