@@ -327,7 +327,8 @@ class Eq3Bracket(torch.autograd.Function):
             if r is None:                                 # g_j = Z_i + 2 g_tok · m_j
                 torch.matmul(Z, S4, out=g).addcmul_(A, c[:, k, None])
             else:
-                # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;  ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
+                # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;
+                # ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
                 rk, ck = r[:, k], c[:, k]
                 through_r = ((Z.transpose(-1, -2) @ A) * S4).sum(2) + ck * rk * a2[:, k]             # (B,H,T)
                 torch.matmul(Z, S4 * rk[:, :, None], out=g).addcmul_(A, (ck * rk * rk)[:, :, None])  # r Z_i + r² c m_j
