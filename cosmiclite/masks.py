@@ -227,7 +227,7 @@ def mask_set_viewer(seed: int = 0, size: int = 64, sizes=(8, 16, 32), max_seed: 
     from . import toyworld
     from .captions import compose
     from .discretize import discretize
-    from .viz import _png
+    from .viz import png_bytes
     from .widgets import caption_html
 
     keep = "(as drawn)"
@@ -245,7 +245,7 @@ def mask_set_viewer(seed: int = 0, size: int = 64, sizes=(8, 16, 32), max_seed: 
         d = discretize(compose(person.annotation))
         forced = f" · {q} forced to <b>{a}</b> (answered: {person.annotation.answers[q]})" if sampling else ""
         caption.value = f"seed {seed_w.value}{forced}" + caption_html(d)
-        picture.value = _png(plot_mask_set(person.image, mask_set(person.parsing, "atr", sizes), d, sizes))
+        picture.value = png_bytes(plot_mask_set(person.image, mask_set(person.parsing, "atr", sizes), d, sizes))
 
     def on_question(_):
         answer.unobserve(draw, names="value")

@@ -9,7 +9,7 @@ attend-and-excite draw theirs.
     overlay(image, map)                  -> RGB uint8 array: one heat map over the image
     plot_group_maps(result)              -> Figure: the image, then one panel per caption group
     plot_token_maps(result)              -> Figure: a grid, one panel per token, token strings as titles
-    save_figure(fig, path)               -> PNG on disk
+    save_figure(fig, path)               -> PNG on disk (png_bytes(fig): the PNG as bytes)
     attention_viewer(result)             -> ipywidgets box: sliders over step and resolution, group dropdown
 
 `result` is a `cosmiclite.attention.AttentionResult`. Heavy imports (matplotlib, torch, ipywidgets) happen
@@ -145,11 +145,12 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig, dpi: int = 90) -> bytes:
+    """A figure as PNG bytes (for an ipywidgets Image), the figure closed."""
     import io
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
@@ -184,7 +185,7 @@ def attention_viewer(result, alpha: float = 0.55) -> Any:
             fig, axes = _figure(1, 1, panel=3.2)
             axes[0].imshow(overlay(result.image, maps[result.group_names.index(group.value)], alpha))
             axes[0].set_title(group.value, fontsize=9)
-        picture.value = _png(fig)
+        picture.value = png_bytes(fig)
         caption.value = f"<b>{group.value}</b> at {r}x{r}, {'mean over steps' if s is None else f'step {s}'}{t}"
 
     for w in (step, mean, res, group):
