@@ -14,10 +14,13 @@ How the answers are decided (the honesty rules):
 * a part cut off by the frame is "not visible": existence and colour need the part's pixels in frame
   (>= `present_px`), a pattern needs `detail_px` of them, and a length or type needs its end in frame
   (e.g. the length of full-length pants is "not visible" in a nearly-full-body shot), and the finest shapes
-  (necklines: `FINE_QUESTIONS`) need a drawing scale of `FINE_PX_PER_UNIT` pixels per body height;
+  (necklines, visors: `FINE_QUESTIONS`) need a drawing scale of `FINE_PX_PER_UNIT` pixels per body height;
 * what the drawing cannot tell apart is not asked: a dress's bodice is drawn as a top is, so whether a
   person wears a top or a dress (and all that follows from it) needs the frame to reach the hips
-  (`_GARMENT_TOLD_Y`); and a belt never takes the colour of the garments it sits on (it would vanish);
+  (`_GARMENT_TOLD_Y`); a belt never takes the colour of the garments it sits on, a hat that of the hair
+  or the background, a bag that of the main garment or the background (each would vanish: `_apart`);
+  and a cap, a beanie, a shirt, a hoodie and a jacket, told apart only by shapes under a pixel high in a
+  small drawing (visor, rim, neckline), have their type read only at `FINE_PX_PER_UNIT` (`_coarsely_told`);
 * everything is a small, flat-coloured, clearly separated shape so that a 64x64 render really shows it.
 
 Left and right follow the person (anatomical convention, as the LIP/ATR labels are used by SCHP, whose
@@ -267,11 +270,24 @@ def _pick(rng: _Uniforms, sampling: Sampling, qid: str, allowed: Sequence[str] |
     return options[min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(options) - 1)]
 
 
+_SCENE_COLORS = {"street": "grey", "park": "green", "beach": "blue"}   # the colour a scene's background is named
+VANISH_DIST = 60.0   # RGB distance under which two flat colours read as one (the closest two of COLORS: 76)
+
+
+@lru_cache(maxsize=4096)
+def _apart(*rgbs: tuple[int, int, int]) -> tuple[str, ...]:
+    """The colour words whose RGB is at least VANISH_DIST from every one of `rgbs`: an item drawn on top of
+    (or beside) something of a colour too close to its own would not show, yet its annotation would say it."""
+    return tuple(c for c, v in COLORS.items() if all(math.dist(v, r) >= VANISH_DIST for r in rgbs))
+
+
 def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
     """Draw the latent person: question id -> answer for everything the world draws (before cropping)."""
     p = lambda qid, allowed=None: _pick(rng, sampling, qid, allowed)  # noqa: E731
     w: dict[str, str] = {"shot_type": p("shot_type"), "scene": p("scene"), "skin_tone": p("skin_tone"),
                          "body_shape": p("body_shape"), "hair_length": p("hair_length")}
+    # the background's colour where a scene fixes it; elsewhere (walls) it is drawn last, apart from what it frames
+    scene_rgb = [COLORS[c] for c in (_SCENE_COLORS.get(w["scene"]),) if c]
     w["hair_color"] = p("hair_color") if w["hair_length"] != "bald" else NOT_APPLICABLE
     w["wear_dress"] = p("wear_dress")
     if w["wear_dress"] == "yes":
@@ -285,7 +301,8 @@ def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
         w["top_color"], w["top_pattern"] = p("top_color"), p("top_pattern")
         w["bottoms_type"] = p("bottoms_type")
         w["bottoms_length"] = p("bottoms_length", BOTTOMS_LENGTHS[w["bottoms_type"]])
-        w["bottoms_color"], w["bottoms_pattern"] = p("bottoms_color"), p("bottoms_pattern")
+        # the bottoms' outline against the background tells their type and shape: never the background's colour
+        w["bottoms_color"], w["bottoms_pattern"] = p("bottoms_color", _apart(*scene_rgb)), p("bottoms_pattern")
         if w["bottoms_type"] == "skirt":
             w["skirt_shape"] = p("skirt_shape")
     w["wear_belt"] = p("wear_belt")
@@ -300,26 +317,27 @@ def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
         w["shoes_length"] = p("shoes_length", ("low-top",) if w["shoes_type"] == "sneakers"
                               else ("ankle", "mid-calf", "knee-high"))
         w["shoes_color"] = p("shoes_color")
+    hair_rgb = [HAIR_COLORS[w["hair_color"]]] if w["hair_length"] != "bald" else []
     w["wear_hat"] = p("wear_hat")
-    if w["wear_hat"] == "yes":
-        w["hat_type"], w["hat_color"] = p("hat_type"), p("hat_color")
+    if w["wear_hat"] == "yes":  # a hat the colour of the hair or the background it sits on would vanish
+        w["hat_type"], w["hat_color"] = p("hat_type"), p("hat_color", _apart(*hair_rgb, *scene_rgb))
     w["wear_eyewear"] = p("wear_eyewear")
     if w["wear_eyewear"] == "yes":
         w["eyewear_type"], w["lens_color"] = p("eyewear_type"), p("lens_color")
     w["wear_bag"] = p("wear_bag")
-    if w["wear_bag"] == "yes":
-        w["bag_type"], w["bag_color"] = p("bag_type"), p("bag_color")
+    main = w.get("top_color") or w.get("dress_color")
+    if w["wear_bag"] == "yes":  # straps lie on the main garment, the bag hangs against the background
+        w["bag_type"], w["bag_color"] = p("bag_type"), p("bag_color", _apart(COLORS[main], *scene_rgb))
         w["bag_side"] = ("left", "right")[int(rng.random() < 0.5)]  # the person's side it hangs on
     w["wear_scarf"] = p("wear_scarf")
     if w["wear_scarf"] == "yes":
         w["scarf_color"] = p("scarf_color")
-    # the background's colour: scenes have their own; a wall differs from the main garment (else it vanishes)
-    main = w.get("top_color") or w.get("dress_color")
-    scene_color = {"street": "grey", "park": "green", "beach": "blue"}.get(w["scene"])
-    if scene_color:
-        w["background_color"] = p("background_color", (scene_color,))
+    # the background's colour: scenes have their own; a wall differs from the main garment, bottoms, hat and bag
+    if w["scene"] in _SCENE_COLORS:
+        w["background_color"] = p("background_color", (_SCENE_COLORS[w["scene"]],))
     else:
-        w["background_color"] = p("background_color", tuple(c for c in _C if c != main))
+        framed = [COLORS[w[q]] for q in ("bottoms_color", "hat_color", "bag_color") if q in w]
+        w["background_color"] = p("background_color", _apart(COLORS[main], *framed))
     # exposure follows from the garments
     sleeve = w.get("sleeve_length", "sleeveless")
     if w["wear_dress"] == "yes":
@@ -683,10 +701,21 @@ _GROUP_QUESTIONS = {  # a worn item: its label(s), its questions answered by pix
     "scarf": ((SCARF,), ("wear_scarf", "scarf_color"), (), ()),
     "hair": ((HAIR,), ("hair_color",), (), ("hair_length",)),
 }
-# Shapes a few hundredths of the body tall (necklines): readable from this drawing scale up
-# (pixels per person height; ~55 in a 64-pixel full-body shot, ~105 in an upper-body one).
-FINE_QUESTIONS = frozenset({"collar"})
+# Shapes a few hundredths of the body tall (necklines, a cap's visor, a beanie's rim): readable from this drawing
+# scale up (pixels per person height; ~55 in a 64-pixel full-body shot, ~105 in an upper-body one). A shirt, a
+# hoodie and a jacket differ only at the neckline, a cap and a beanie only by visor and rim.
+FINE_QUESTIONS = frozenset({"collar", "hat_type", "top_type"})
 FINE_PX_PER_UNIT = 90.0
+
+
+def _coarsely_told(qid: str, w: dict) -> bool:
+    """Whether a fine question's answer shows at any scale all the same: a sun hat by its wide brim, a top type
+    by its sleeves when no other type has them (a t-shirt's short, a tank top's none)."""
+    if qid == "hat_type":
+        return w["hat_type"] == "sun hat"
+    if qid == "top_type":
+        return sum(w["sleeve_length"] in sleeves for sleeves in TOP_SLEEVES.values()) == 1
+    return False
 # A dress's bodice is drawn as a top is (same outline, neckline and sleeves): which of the two a person wears
 # shows only from the waist down (the top's hem over the bottoms, or the dress's skirt). Above that frame
 # bottom every top and dress question is "not visible" (a portrait shows a garment, not which one).
@@ -764,8 +793,11 @@ def annotate(w: dict, parsing: np.ndarray, v_bot: float, protocol: Protocol | No
         for q in by_geometry:
             a[q] = w[q] if _geometry_visible(q, w, v_bot) else NOT_VISIBLE
         if px_per_unit < FINE_PX_PER_UNIT:
-            for q in FINE_QUESTIONS.intersection(by_pixels + by_geometry):
-                a[q] = NOT_VISIBLE
+            for q in FINE_QUESTIONS.intersection(by_geometry):
+                if not _coarsely_told(q, w):
+                    a[q] = NOT_VISIBLE
+    if w["wear_scarf"] == "yes" and a["collar"] != NOT_APPLICABLE:
+        a["collar"] = NOT_VISIBLE  # the scarf is wrapped over the neckline
     return Annotation(a, protocol=protocol)
 
 

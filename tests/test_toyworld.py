@@ -129,6 +129,29 @@ def test_small_shapes_are_answered_only_when_drawn_large_enough(people):
                for a in (p.annotation.answers for p in people))
 
 
+def test_types_told_by_sub_pixel_shapes_are_read_only_close_up(people):
+    """A cap's visor, a beanie's rim and the neckline that tells a long-sleeved shirt from a hoodie or a jacket
+    are under a pixel high in a 64-px (nearly) full-body shot; a sun hat's brim and a t-shirt's or tank top's
+    sleeves are not, so those types are still answered there."""
+    small, told = {"hat_type": set(), "top_type": set()}, {"hat_type": set(), "top_type": set()}
+    for p in people:
+        a, w = p.annotation.answers, p.worn
+        far = a["shot_type"] in ("full body", "nearly full body")
+        for q in small:
+            if far and w.get(q) and a[q] not in (NOT_VISIBLE, NOT_APPLICABLE):
+                small[q].add(a[q])
+            elif not far and a[q] not in (NOT_VISIBLE, NOT_APPLICABLE):
+                told[q].add(a[q])
+    assert small == {"hat_type": {"sun hat"}, "top_type": {"t-shirt", "tank top", "shirt"}}  # shirt: elbow sleeves
+    assert told["hat_type"] == {"cap", "beanie", "sun hat"} and {"hoodie", "jacket"} <= told["top_type"]
+    scarves = [p.annotation.answers for p in people if p.worn["wear_scarf"] == "yes"]
+    assert len(scarves) > 40 and all(a["collar"] in (NOT_VISIBLE, NOT_APPLICABLE) for a in scarves)  # wrapped over it
+    large = [render(s, size=256).annotation.answers for s in range(300)]  # drawn large, visors and necklines show
+    far_caps = [a for a in large if a["shot_type"] in ("full body", "nearly full body") and a["wear_hat"] == "yes"]
+    assert {a["hat_type"] for a in far_caps} == {"cap", "beanie", "sun hat"}
+    assert any(a["top_type"] in ("hoodie", "jacket") for a in large if a["shot_type"] == "full body")
+
+
 def _draw(outfit, v_top=-0.04, v_bot=0.32, size=64):
     """Paint an outfit in a fixed frame on a flat wall: (image, parsing)."""
     from cosmiclite.toyworld import _Canvas, _draw_person
@@ -171,6 +194,25 @@ def test_a_belt_never_takes_the_colour_of_the_garments_it_sits_on():
     assert len(belts) > 200 and len({w["belt_color"] for w in belts}) == len(COLORS)
     for w in belts:
         assert w["belt_color"] not in (w.get("top_color"), w.get("bottoms_color"), w.get("dress_color")), w
+
+
+def test_hats_and_bags_never_take_the_colour_they_would_vanish_into():
+    """A hat on hair of its colour or against a background of its colour, a bag on (straps) or beside a main
+    garment or background of its colour, would be annotated yet not show; the world never draws them."""
+    from cosmiclite.toyworld import VANISH_DIST
+    far = lambda a, b: np.linalg.norm(np.subtract(a, b)) >= VANISH_DIST  # noqa: E731
+    worn = [p.worn for p in map(render, range(1500))]
+    hats = [w for w in worn if w["wear_hat"] == "yes"]
+    bags = [w for w in worn if w["wear_bag"] == "yes"]
+    assert len(hats) > 300 and len(bags) > 300
+    assert len({w["hat_color"] for w in hats}) == len({w["bag_color"] for w in bags}) == len(COLORS)
+    for w in hats:
+        assert far(COLORS[w["hat_color"]], COLORS[w["background_color"]]), w
+        assert w["hair_length"] == "bald" or far(COLORS[w["hat_color"]], HAIR_COLORS[w["hair_color"]]), w
+    for w in bags:
+        main = w.get("top_color") or w.get("dress_color")
+        assert w["bag_color"] not in (main, w["background_color"]), w
+    assert not any(w["hat_color"] == "beige" and w["hair_color"] == "blonde" for w in hats)  # 48 apart in RGB
 
 
 def test_left_parts_are_the_persons_left_on_the_image_right(people):
