@@ -18,9 +18,11 @@ How the answers are decided (the honesty rules):
 * what the drawing cannot tell apart is not asked: a dress's bodice is drawn as a top is, so whether a
   person wears a top or a dress (and all that follows from it) needs the frame to reach the hips
   (`_GARMENT_TOLD_Y`); a belt never takes the colour of the garments it sits on, a hat that of the hair
-  or the background, a bag that of the main garment or the background (each would vanish: `_apart`);
-  and a cap, a beanie, a shirt, a hoodie and a jacket, told apart only by shapes under a pixel high in a
-  small drawing (visor, rim, neckline), have their type read only at `FINE_PX_PER_UNIT` (`_coarsely_told`);
+  or the background, a bag that of the main garment or the background, bottoms that of the background
+  (each would vanish: `_apart`); a scarf hides the neckline (collar "not visible"); and a cap, a beanie,
+  a shirt, a hoodie and a jacket, told apart only by shapes under a pixel high in a small drawing (visor,
+  rim, neckline), have their type read only at `FINE_PX_PER_UNIT` unless a coarse shape tells it
+  (`_coarsely_told`);
 * everything is a small, flat-coloured, clearly separated shape so that a 64x64 render really shows it.
 
 Left and right follow the person (anatomical convention, as the LIP/ATR labels are used by SCHP, whose
@@ -716,6 +718,8 @@ def _coarsely_told(qid: str, w: dict) -> bool:
     if qid == "top_type":
         return sum(w["sleeve_length"] in sleeves for sleeves in TOP_SLEEVES.values()) == 1
     return False
+
+
 # A dress's bodice is drawn as a top is (same outline, neckline and sleeves): which of the two a person wears
 # shows only from the waist down (the top's hem over the bottoms, or the dress's skirt). Above that frame
 # bottom every top and dress question is "not visible" (a portrait shows a garment, not which one).
