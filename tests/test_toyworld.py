@@ -196,9 +196,10 @@ def test_a_belt_never_takes_the_colour_of_the_garments_it_sits_on():
         assert w["belt_color"] not in (w.get("top_color"), w.get("bottoms_color"), w.get("dress_color")), w
 
 
-def test_hats_and_bags_never_take_the_colour_they_would_vanish_into():
+def test_hats_bags_and_bottoms_never_take_the_colour_they_would_vanish_into():
     """A hat on hair of its colour or against a background of its colour, a bag on (straps) or beside a main
-    garment or background of its colour, would be annotated yet not show; the world never draws them."""
+    garment or background of its colour, bottoms against a background of their colour (their outline tells a skirt
+    from shorts) would be annotated yet not show; the world never draws them."""
     from cosmiclite.toyworld import VANISH_DIST
     far = lambda a, b: np.linalg.norm(np.subtract(a, b)) >= VANISH_DIST  # noqa: E731
     worn = [p.worn for p in map(render, range(1500))]
@@ -212,6 +213,8 @@ def test_hats_and_bags_never_take_the_colour_they_would_vanish_into():
     for w in bags:
         main = w.get("top_color") or w.get("dress_color")
         assert w["bag_color"] not in (main, w["background_color"]), w
+    bottoms = [w for w in worn if w["wear_bottoms"] == "yes"]
+    assert len(bottoms) > 900 and all(w["bottoms_color"] != w["background_color"] for w in bottoms)
     assert not any(w["hat_color"] == "beige" and w["hair_color"] == "blonde" for w in hats)  # 48 apart in RGB
 
 
