@@ -309,8 +309,8 @@ def sample_outfit(rng: _Uniforms, sampling: Sampling) -> dict:
             w["skirt_shape"] = p("skirt_shape")
     w["wear_belt"] = p("wear_belt")
     if w["wear_belt"] == "yes":  # a belt the colour of the garments it sits on would not show: it differs from them
-        under = {w.get("top_color"), w.get("bottoms_color"), w.get("dress_color")}
-        w["belt_color"] = p("belt_color", tuple(c for c in _C if c not in under))
+        under = [COLORS[w[q]] for q in ("top_color", "bottoms_color", "dress_color") if q in w]
+        w["belt_color"] = p("belt_color", _apart(*under))
     w["wear_shoes"] = p("wear_shoes")
     if w["wear_shoes"] == "yes":
         hem = HEM_Y[w.get("dress_length") or w["bottoms_length"]]
