@@ -8,11 +8,11 @@ m_j for j in the span, and its group map is their mean (1/(e_i - s_i)) sum_j m_j
 
 How it is captured: a diffusers attention processor (`CrossAttentionCapture`) is installed with
 `unet.set_attn_processor` on the cross-attention layers only. At the resolutions asked for it computes
-attention eagerly (baddbmm + softmax, then M @ V: the probabilities exist as a tensor) and hands M to a store;
-at other resolutions it calls the layer's original processor. Self-attention keeps its stock SDPA processor,
-which matters: eager self-attention (as Prompt-to-Prompt's store does) costs +13-63 %, eager cross-attention
-0-4 % (77 keys make it cheap; DESIGN.md has the measurements). The model stays stock; leaving the
-`capture_cross_attention` context puts the original processors back.
+attention eagerly (matmul + softmax, then M @ V: the probabilities exist as a tensor, stored token-major as M^T)
+and hands M to a store; at other resolutions it calls the layer's original processor. Self-attention keeps its
+stock SDPA processor, which matters: eager self-attention (as Prompt-to-Prompt's store does) costs +13-63 %,
+eager cross-attention 0-4 % (77 keys make it cheap; DESIGN.md has the measurements). The model stays stock;
+leaving the `capture_cross_attention` context puts the original processors back.
 
 Two stores:
     mode="training"  keeps every recorded M in the autograd graph (per head, or the head mean), for HOLA (Eq. 3).
@@ -307,14 +307,17 @@ class CrossAttentionCapture:
         dtype = Q.dtype
         if attn.upcast_attention:
             Q, K = Q.float(), K.float()
-        S = Q @ (K * attn.scale).transpose(-1, -2)                    # Q K^T / sqrt(d): (b, heads, N, 77)
+        # Computed token-major, S^T = K Q^T (b, heads, 77, N): each token's map m_j is then a contiguous row, which
+        # is what the loss reads (HOLA's sums and maxima over pixels run ~3-8x faster along rows than down columns
+        # on CPU). The same cost as Q K^T here; the store gets M as the (b, heads, N, 77) view it documents.
+        St = (K * attn.scale) @ Q.transpose(-1, -2)                   # (Q K^T / sqrt(d))^T: (b, heads, 77, N)
         if mask is not None:
-            S = S + mask[c0:]
+            St = St + mask[c0:].transpose(-1, -2)
         if attn.upcast_softmax:
-            S = S.float()
-        M = S.softmax(dim=-1).to(dtype)                                # Eq. 2: M = Softmax(Q K^T / sqrt(d))
-        self.store.record(self.name, M, hw)
-        outs.append(M @ V)
+            St = St.float()
+        Mt = St.softmax(dim=-2).to(dtype)                              # Eq. 2: M = Softmax(Q K^T / sqrt(d)), as M^T
+        self.store.record(self.name, Mt.transpose(-1, -2), hw)
+        outs.append((V.transpose(-1, -2) @ Mt).transpose(-1, -2))      # M V, as (V^T M^T)^T: M's gradient token-major
 
         out = (torch.cat(outs) if c0 else outs[0]).transpose(1, 2).flatten(2)  # (B, N, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))                      # linear projection, dropout

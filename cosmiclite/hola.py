@@ -230,6 +230,34 @@ def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.T
     return F.interpolate(src, size=(res, res), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
 
+def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, heads, P, T') maps -> (B, heads, T, P): the first T token maps as rows, contiguous along the pixels.
+
+    A view when the maps are stored token-major (as `cosmiclite.attention` captures them); otherwise one copy, since
+    sums and maxima over pixels run several times faster along rows than down the columns of a (P, T) layout.
+    """
+    At = m[..., :T].transpose(2, 3).to(dtype)
+    return At if At.stride(-1) == 1 else At.contiguous()
+
+
+def _row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, index of a maximum) along the last dimension, like `x.max(-1)` but ~3x faster on CPU.
+
+    torch's max-with-index reduction is slow on CPU (~1.4 ns per element), so the row is first folded in halves
+    with elementwise maxima (y_i = max_j x_(i + j w), w ~ √n, each fold vectorised), the winning i is found in the
+    short folded row, and j among the n/w entries x_(i + j w). Ties may pick another maximum than `max` does: any is a
+    valid (sub)gradient of the max.
+    """
+    n = x.shape[-1]
+    y, w = x, n
+    while w % 2 == 0 and w * w > n:
+        w //= 2
+        y = torch.maximum(y[..., :w], y[..., w:2 * w])
+    peak, i = y.max(-1)                                                          # y (..., w): i the winning residue
+    column = x.unflatten(-1, (n // w, w)).gather(-1, i[..., None, None].expand(*i.shape, n // w, 1))
+    return peak, column.squeeze(-1).argmax(-1) * w + i
+
+
 class Eq3Bracket(torch.autograd.Function):
     """The two terms inside Eq. 3's bracket, per sample, head and group, summed over pixels — with the map
     normalisation folded in and the gradient written out, so that the maps (the largest tensors of a training
@@ -242,11 +270,13 @@ class Eq3Bracket(torch.autograd.Function):
     h (B, G, P) the masks h_i; S (B, G, T) with S[b,i,j] = 1 when token j is in group i (each token in at most one
     group); n (B, G) = e_i − s_i (tokens per group); normalize, area (B, G) = Σ_p h_i (for "sum") and eps as in
     `normalize_maps`; maps: one or more layers (B, heads_l, P, T_l ≥ T), the maps m_j as columns, of which the
-    first T are read (the tokens any group has). The layers are read side by side as one (B, Σ heads_l, P, T)
-    tensor A in forward — one call per resolution rather than per layer — and backward writes each layer's gradient
-    once, in place, at its full width (zero past column T), reading the maps in place: no copy of them, no separate
-    gradient buffer. On the toy preset's training step that took HOLA's overhead from 1.124 to 1.110 (means of
-    three quiet runs each, README).
+    first T are read (the tokens any group has). Each map is read as a row of pixels: `cosmiclite.attention` stores
+    M token-major (M^T contiguous), so the (P, T) tensors it hands over are transposed views and every sum or max
+    over pixels runs along contiguous memory (maps in the plain (P, T) layout are copied token-major once). The
+    backward writes each layer's gradient once, token-major at its full width (zero past column T): the layout the
+    attention's softmax backward reads. On the toy preset's training step (2-core CPU) the token-major layout, the
+    row maxima of `_row_max` and the routing by row gather took the loss's forward + backward from 25.5 to ~19 ms
+    (benchmarks/hola_overhead.py, README).
 
     Why not plain autograd: (A − h)² and its mean make a full-size temporary each and autograd keeps one more for
     backward; on the toy UNet (8 heads × 77 tokens per cell against 32–128 feature channels) that made the loss
@@ -259,8 +289,9 @@ class Eq3Bracket(torch.autograd.Function):
         => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
         ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
-    i.e. the per-group Z (B, heads, P, G) routed to the tokens by one matmul with S (r folded into it when
-    rescaled) plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Zᵀ A (one read of the maps).
+    i.e. the per-group Z (B, heads, G, P) routed to the tokens by one row gather (`index_select`), scaled by r
+    when rescaled, plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the
+    maps).
     The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the
     pixel count).
     """
@@ -270,37 +301,40 @@ class Eq3Bracket(torch.autograd.Function):
         B, G, T = S.shape
         if not maps:
             raise ValueError("Eq3Bracket needs at least one layer of maps (B, heads, P, T)")
-        # one contiguous copy of every layer's first T columns (reductions over pixels on the strided slices run
-        # ~10x slower (max) than the copy costs); the layers themselves are what is saved for backward
-        A = torch.cat([m[..., :T] for m in maps], 1).to(h.dtype)
-        H, P = A.shape[1], A.shape[2]
         n1 = n.clamp_min(1)
-        Sn = (S / n1[..., None]).transpose(1, 2)                                                # (B,T,G)
-        a2 = torch.linalg.vecdot(A, A, dim=2)                                                   # Σ_p m_j²  (B,H,T)
-        r = live = top = mass = None
-        if normalize == "none":
-            m_bar = (A.reshape(B, H * P, T) @ Sn).view(B, H, P, G)                              # ȳ_i = m̄_i
-        else:
+        Sn = (S / n1[..., None]).unsqueeze(1)                                                   # (B,1,G,T)
+        if normalize == "sum":
+            if area is None:
+                raise ValueError("Eq3Bracket(normalize='sum') needs area (B, G): Σ_p h_i per group")
+            target = torch.einsum("bgt,bg->bt", S, area)[:, None]                              # Σ_p h_i of j's group
+        elif normalize not in ("none", "max"):
+            raise ValueError(f"normalize={normalize!r}: choose one of {_CHOICES['normalize']}")
+        a2, m_bar, r, live, top, mass = [], [], [], [], [], []
+        for m in maps:   # per layer, on the token-major view At (B, heads, T, P): each map m_j a row
+            At = _token_rows(m, T, h.dtype)
+            a2.append(torch.linalg.vector_norm(At, dim=-1).square_())                            # Σ_p m_j²  (B,h,T)
+            if normalize == "none":
+                m_bar.append(Sn @ At)                                                           # ȳ_i = m̄_i (B,h,G,P)
+                continue
             if normalize == "max":
-                peak, top = A.max(2)                                                            # (B,H,T)
-                live = peak > eps
-                r = 1 / peak.clamp_min(eps)
-            elif normalize == "sum":
-                if area is None:
-                    raise ValueError("Eq3Bracket(normalize='sum') needs area (B, G): Σ_p h_i per group")
-                mass = A.sum(2)
-                live = mass > eps
-                r = torch.einsum("bgt,bg->bt", S, area)[:, None] / mass.clamp_min(eps)
+                peak, i = _row_max(At)                                                          # (B,h,T)
+                top.append(i)
             else:
-                raise ValueError(f"normalize={normalize!r}: choose one of {_CHOICES['normalize']}")
-            m_bar = A @ (r[..., None] * Sn[:, None])                                            # ȳ_i (B,H,P,G)
-        hT = h.transpose(1, 2).unsqueeze(1)                                                     # (B,1,P,G)
-        d = m_bar - hT
-        grp = torch.linalg.vecdot(d, d, dim=2)                                                  # ‖ȳ_i − h_i‖²
-        cross = torch.linalg.vecdot(m_bar, hT, dim=2)                                           # Σ_p ȳ_i h_i
+                peak = At.sum(-1)
+                mass.append(peak)
+            live.append(peak > eps)
+            r.append((1 if normalize == "max" else target) / peak.clamp_min(eps))
+            m_bar.append((Sn * r[-1][..., None, :]) @ At)                                       # ȳ_i (B,h,G,P)
+        a2, m_bar = torch.cat(a2, 1), torch.cat(m_bar, 1)
+        cat = lambda xs: torch.cat(xs, 1) if xs else None                                      # noqa: E731
+        r, live, top, mass = cat(r), cat(live), cat(top), cat(mass)
+        h1 = h.unsqueeze(1)                                                                     # (B,1,G,P)
+        d = m_bar.sub_(h1)                                                                      # ȳ_i − h_i
+        grp = torch.linalg.vecdot(d, d)                                                         # ‖ȳ_i − h_i‖²
+        hh = torch.linalg.vecdot(h, h)                                                          # Σ_p h_i²
+        cross = torch.linalg.vecdot(d, h1) + hh[:, None]                                        # Σ_p ȳ_i h_i
         y2 = a2 if r is None else a2 * r * r                                                    # Σ_p y_j²
-        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross \
-            + (n * torch.linalg.vecdot(h, h, dim=-1))[:, None]                                  # Σ_j ‖y_j − h_i‖²
+        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross + (n * hh)[:, None]   # Σ_j ‖y_j − h_i‖²
         ctx.normalize = normalize
         ctx.save_for_backward(d, h, S, n1, r, live, top, a2, mass, *maps)
         return tok, grp
@@ -311,36 +345,38 @@ class Eq3Bracket(torch.autograd.Function):
         none = (None,) * 6
         if not any(ctx.needs_input_grad[6:]):
             return none + (None,) * len(maps)
-        T = S.shape[-1]
-        hT = h.transpose(1, 2).unsqueeze(1)
+        B, G, T = S.shape
+        h1 = h.unsqueeze(1)
         c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
-        S4 = S[:, None]                                   # (B,1,G,T): routes Z_i to the tokens of group i
+        S4 = S[:, None]
+        # Routing Z_i to the tokens of group i is a row gather (each token in at most one group; tokens in none, and
+        # the columns past T, read an all-zero row G): one index_select writes the whole token-major gradient.
+        group = torch.where(S.any(1), S.argmax(1), G)                                           # (B,T)
         out, at = [], 0
-        for m in maps:   # layer by layer, each gradient written once, in place, into its full-width tensor
+        for m in maps:   # layer by layer, each gradient written once into its full-width, token-major tensor
             k = slice(at, at + m.shape[1])
             at = k.stop
-            Z = (2 * g_grp[:, k] / n1[:, None])[:, :, None] * d[:, k] - (2 * g_tok[:, k])[:, :, None] * hT  # (B,H,P,G)
-            full = m.new_empty(m.shape)
-            if m.dtype == h.dtype:   # matmuls and elementwise ops read the maps' first T columns in place
-                A, g = m[..., :T], full[..., :T]
-            else:                    # e.g. bf16 maps under autocast: the loss runs in float32
-                A, g = m[..., :T].to(h.dtype), torch.empty(m.shape[:-1] + (T,), dtype=h.dtype, device=m.device)
+            hk, Tm, P = m.shape[1], m.shape[3], m.shape[2]
+            Z = (2 * g_grp[:, k] / n1[:, None])[..., None] * d[:, k] - (2 * g_tok[:, k])[..., None] * h1
+            Z = torch.cat([Z, Z.new_zeros(B, hk, 1, P)], 2)                                    # row G: zeros
+            first = (G + 1) * torch.arange(B * hk, device=m.device).view(B, hk, 1)              # row 0 of each (b, h)
+            rows = F.pad(group, (0, Tm - T), value=G)[:, None] + first                          # (B,h,T')
+            full = Z.view(-1, P).index_select(0, rows.view(-1)).view(B, hk, Tm, P)             # Z_i of j's group
+            g = full[:, :, :T]                                                                  # (B,h,T,P)
+            At = _token_rows(m, T, h.dtype)
             if r is None:                                 # g_j = Z_i + 2 g_tok · m_j
-                torch.matmul(Z, S4, out=g).addcmul_(A, c[:, k, None])
+                g.addcmul_(At, c[:, k, :, None])
             else:
                 # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;
                 # ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
                 rk, ck = r[:, k], c[:, k]
-                through_r = ((Z.transpose(-1, -2) @ A) * S4).sum(2) + ck * rk * a2[:, k]             # (B,H,T)
-                torch.matmul(Z, S4 * rk[:, :, None], out=g).addcmul_(A, (ck * rk * rk)[:, :, None])  # r Z_i + r² c m_j
-                if ctx.normalize == "max":
-                    g.scatter_add_(2, top[:, k, None], (-(rk * rk) * through_r * live[:, k])[:, :, None])
-                else:
-                    g.sub_((rk / mass[:, k].clamp_min(1e-30) * through_r * live[:, k])[:, :, None])
-            if g.data_ptr() != full.data_ptr():
-                full[..., :T] = g
-            full[..., T:] = 0
-            out.append(full)
+                through_r = ((Z[:, :, :G] @ At.transpose(-1, -2)) * S4).sum(2) + ck * rk * a2[:, k]    # (B,h,T)
+                g.mul_(rk[..., None]).addcmul_(At, (ck * rk * rk)[..., None])                  # r Z_i + r² c m_j
+                if ctx.normalize == "max":                # ∂r_j/∂m_j = −r_j² at the argmax
+                    g.scatter_add_(-1, top[:, k, :, None], (-(rk * rk) * through_r * live[:, k])[..., None])
+                else:                                     # ∂r_j/∂m_j = −r_j / Σ_p m_j
+                    g.sub_((rk / mass[:, k].clamp_min(1e-30) * through_r * live[:, k])[..., None])
+            out.append(full.to(m.dtype).transpose(2, 3))  # (B, heads, P, T'), token-major in memory
         return none + tuple(out)
 
 
