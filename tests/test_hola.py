@@ -231,6 +231,59 @@ def test_eq3_bracket_reads_several_layers_side_by_side_and_only_the_first_column
     assert torch.autograd.gradcheck(lambda a, b: eq3_bracket([a, b], h, W, n, mode, area), tuple(layers))
 
 
+@pytest.mark.parametrize("mode", ["none", "max", "sum"])
+def test_eq3_bracket_gives_the_same_terms_and_gradients_for_token_major_maps(mode):
+    """The capture stores M token-major (M^T contiguous, handed over as a (P, T) view); the bracket reads it as rows
+    and gives exactly what it gives for the same maps stored (P, T)-contiguous; its gradient comes back token-major."""
+    from cosmiclite.hola import eq3_bracket
+    g = torch.Generator().manual_seed(6)
+    B, P, T, G = 2, 16, 9, 2
+    rows = [torch.rand(B, H, T, P, generator=g, dtype=torch.float64).softmax(-2) for H in (2, 3)]   # (B, H, T, P)
+    token_major = [x.clone().transpose(2, 3).requires_grad_() for x in rows]                       # (P, T) views
+    plain = [x.transpose(2, 3).contiguous().requires_grad_() for x in rows]
+    h = (torch.rand(B, G, P, generator=g) > 0.5).double()
+    W = token_membership(torch.tensor([[[1, 3], [3, 6]], [[0, 2], [4, 5]]]), 7).double()
+    n, area = W.sum(-1), h.sum(-1)
+    out = []
+    for layers in (token_major, plain):
+        tok, grp = eq3_bracket(layers, h, W, n, mode, area)
+        out.append((tok, grp, torch.autograd.grad(tok.sum() + 2 * grp.sum(), layers)))
+    (t1, g1, d1), (t2, g2, d2) = out
+    assert torch.equal(t1, t2) and torch.equal(g1, g2)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(d1, d2))
+    assert all(a.transpose(2, 3).is_contiguous() for a in d1 + d2)
+    assert torch.autograd.gradcheck(lambda a, b: eq3_bracket([a, b], h, W, n, mode, area), tuple(token_major))
+
+
+def test_row_max_finds_the_maximum_and_an_index_holding_it():
+    """`_row_max` (the max-normalisation's peak, folded in halves) agrees with torch.max, ties included."""
+    from cosmiclite.hola import _row_max
+    g = torch.Generator().manual_seed(7)
+    for n in (256, 64, 49, 12, 1):
+        x = torch.rand(3, 4, n, generator=g)
+        x[0, 0] = 0.25                                   # a row of ties
+        x[1, 2, n // 2:] = x[1, 2].max()                 # the max held at many places
+        peak, i = _row_max(x)
+        assert torch.equal(peak, x.max(-1).values)
+        assert torch.equal(x.gather(-1, i[..., None])[..., 0], peak) and i.dtype == torch.long
+
+
+def test_captured_maps_are_stored_token_major():
+    """`capture_cross_attention` hands over M as (B, heads, P, 77) whose transpose is contiguous: each token's map is
+    a row in memory, the layout Eq3Bracket reads without copying."""
+    from cosmiclite.attention import capture_cross_attention
+    from cosmiclite.models import build_unet
+    unet = build_unet("toy", 0)
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with capture_cross_attention(unet, "training", resolutions=(8, 16)) as store:
+        unet(x, 10, c)
+        maps = store.maps()
+    for ms in maps.values():
+        for m in ms:
+            assert m.shape[-1] == 77 and m.transpose(-1, -2).is_contiguous()
+            assert torch.allclose(m.sum(-1), torch.ones(()))
+
+
 def test_loss_saves_no_full_size_tensor_for_backward():
     """Memory: besides the maps themselves (already kept by the attention's softmax), HOLA keeps only small
     per-group tensors for backward — no (maps − masks) difference, no stacked copy of the layers."""
