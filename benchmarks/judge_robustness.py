@@ -1,14 +1,15 @@
 """How well the toy judge (Sec. 5.1) reads images that look generated: the same held-out people clean, blurred and
 noised, and passed through the toy model's VAE (what every generated image goes through last).
 
-    python benchmarks/judge_robustness.py [--people 1000] [--threads 2] [JUDGE.safetensors ...]
+    python benchmarks/judge_robustness.py [--people 1000] [--threads 2] [JUDGE.safetensors ...] [--label NAME ...]
 
 For each judge (default: the shipped one) prints and records Acc_all and the four weakest questions on each
 version of the images, and the ratio degraded / clean; seeds 0..people-1 (held out from the judge's training).
 Parent rule "independent" (each question scored on its own), as the judge's recorded held-out accuracy.
 Writes benchmarks/results/judge_robustness-DEVICE.json, adding to the judges recorded there for the same people of
 the same toy world ("world": a fingerprint of their images and annotations); judges measured on a world since
-changed are kept apart, under "earlier_worlds".
+changed are kept apart, under "earlier_worlds". Each judge is recorded under its `--label` (one per judge, in
+order; e.g. "v11: stage 10 ..."), else under its path (relative to the repository when inside it).
 """
 import argparse
 import hashlib
@@ -31,7 +32,12 @@ def main(argv=None):
     ap.add_argument("judges", nargs="*", default=[str(JUDGE_WEIGHTS)])
     ap.add_argument("--people", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label", action="append", default=[], help="the name to record a judge under; give one per "
+                    "judge, in the order of the judges (default: the judge's path)")
     args = ap.parse_args(argv)
+    if args.label and len(args.label) != len(args.judges):
+        ap.error(f"--label was given {len(args.label)} times for {len(args.judges)} judge(s): give one label per "
+                 "judge, in the same order, or none")
     torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL
 
@@ -47,7 +53,8 @@ def main(argv=None):
         "vae": torch.cat([rec(clean[i:i + 200]).clamp(0, 1) for i in range(0, len(clean), 200)]),
     }
     out = {}
-    for path in args.judges:
+    root = Path(__file__).resolve().parents[1]
+    for i, path in enumerate(args.judges):
         judge, row = load_judge(path), {}
         for name, x in versions.items():
             res = semantic_accuracy(judge.answer(x), annotations, judge_questions=judge.questions,
@@ -57,8 +64,10 @@ def main(argv=None):
         row["ratio"] = {k: round(row[k]["acc_all"] / row["clean"]["acc_all"], 4) for k in ("blur_noise", "vae")}
         row["trained"] = judge.cfg.info.get("command")
         row["shifts"] = [list(sh) for sh in judge.cfg.shifts]     # the readings averaged (JudgeConfig.shifts)
-        out[path] = row
-        print(path, json.dumps(row))
+        where = Path(path).resolve()
+        key = args.label[i] if args.label else str(where.relative_to(root) if where.is_relative_to(root) else path)
+        out[key] = row
+        print(key, json.dumps(row))
     result = {"benchmark": "judge_robustness", "device": f"cpu-{os.cpu_count()}core",
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
               "people": args.people, "seeds": [0, args.people - 1], "vae": "cosmiclite/assets/toy_model/vae",
