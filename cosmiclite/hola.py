@@ -275,7 +275,7 @@ class Eq3Bracket(torch.autograd.Function):
     over pixels runs along contiguous memory (maps in the plain (P, T) layout are copied token-major once). The
     backward writes each layer's gradient once, token-major at its full width (zero past column T): the layout the
     attention's softmax backward reads. On the toy preset's training step (2-core CPU) the token-major layout, the
-    row maxima of `_row_max` and the routing by row gather took the loss's forward + backward from 25.5 to ~19 ms
+    row maxima of `_row_max` and the token-major gradient took the loss's forward + backward from 25.5 to ~19 ms
     (benchmarks/hola_overhead.py, README).
 
     Why not plain autograd: (A − h)² and its mean make a full-size temporary each and autograd keeps one more for
@@ -289,8 +289,9 @@ class Eq3Bracket(torch.autograd.Function):
         => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
         ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
-    i.e. the per-group Z (B, heads, G, P) routed to the tokens by one row gather (`index_select`), scaled by r
-    when rescaled, plus one fused multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the
+    i.e. the per-group Z (B, heads, G, P) routed to the tokens, by one row gather (`index_select`) for raw maps or
+    by one matmul with S scaled by r when rescaled (a gather would need a second pass to scale), plus one fused
+    multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the
     maps).
     The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the
     pixel count).
@@ -334,7 +335,8 @@ class Eq3Bracket(torch.autograd.Function):
         hh = torch.linalg.vecdot(h, h)                                                          # Σ_p h_i²
         cross = torch.linalg.vecdot(d, h1) + hh[:, None]                                        # Σ_p ȳ_i h_i
         y2 = a2 if r is None else a2 * r * r                                                    # Σ_p y_j²
-        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross + (n * hh)[:, None]   # Σ_j ‖y_j − h_i‖²
+        # Σ_j ‖y_j − h_i‖² = Σ_j Σ_p y_j² − 2 n_i Σ_p ȳ_i h_i + n_i Σ_p h_i²
+        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross + (n * hh)[:, None]
         ctx.normalize = normalize
         ctx.save_for_backward(d, h, S, n1, r, live, top, a2, mass, *maps)
         return tok, grp
@@ -349,8 +351,8 @@ class Eq3Bracket(torch.autograd.Function):
         h1 = h.unsqueeze(1)
         c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
         S4 = S[:, None]
-        # Routing Z_i to the tokens of group i is a row gather (each token in at most one group; tokens in none, and
-        # the columns past T, read an all-zero row G): one index_select writes the whole token-major gradient.
+        # Raw maps: routing Z_i to the tokens of group i is a row gather (each token in at most one group; tokens in
+        # none, and the columns past T, read an all-zero row G): one index_select writes the whole gradient.
         group = torch.where(S.any(1), S.argmax(1), G)                                           # (B,T)
         out, at = [], 0
         for m in maps:   # layer by layer, each gradient written once into its full-width, token-major tensor
@@ -358,20 +360,22 @@ class Eq3Bracket(torch.autograd.Function):
             at = k.stop
             hk, Tm, P = m.shape[1], m.shape[3], m.shape[2]
             Z = (2 * g_grp[:, k] / n1[:, None])[..., None] * d[:, k] - (2 * g_tok[:, k])[..., None] * h1
-            Z = torch.cat([Z, Z.new_zeros(B, hk, 1, P)], 2)                                    # row G: zeros
-            first = (G + 1) * torch.arange(B * hk, device=m.device).view(B, hk, 1)              # row 0 of each (b, h)
-            rows = F.pad(group, (0, Tm - T), value=G)[:, None] + first                          # (B,h,T')
-            full = Z.view(-1, P).index_select(0, rows.view(-1)).view(B, hk, Tm, P)             # Z_i of j's group
-            g = full[:, :, :T]                                                                  # (B,h,T,P)
             At = _token_rows(m, T, h.dtype)
-            if r is None:                                 # g_j = Z_i + 2 g_tok · m_j
-                g.addcmul_(At, c[:, k, :, None])
+            if r is None:                                 # g_j = Z_i + 2 g_tok · m_j: Z_i by one row gather
+                Zp = torch.cat([Z, Z.new_zeros(B, hk, 1, P)], 2)                               # row G: zeros
+                first = (G + 1) * torch.arange(B * hk, device=m.device).view(B, hk, 1)          # row 0 of each (b, h)
+                rows = F.pad(group, (0, Tm - T), value=G)[:, None] + first                      # (B,h,T')
+                full = Zp.view(-1, P).index_select(0, rows.view(-1)).view(B, hk, Tm, P)        # Z_i of j's group
+                full[:, :, :T].addcmul_(At, c[:, k, :, None])
             else:
                 # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;
                 # ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
                 rk, ck = r[:, k], c[:, k]
-                through_r = ((Z[:, :, :G] @ At.transpose(-1, -2)) * S4).sum(2) + ck * rk * a2[:, k]    # (B,h,T)
-                g.mul_(rk[..., None]).addcmul_(At, (ck * rk * rk)[..., None])                  # r Z_i + r² c m_j
+                through_r = ((Z @ At.transpose(-1, -2)) * S4).sum(2) + ck * rk * a2[:, k]             # (B,h,T)
+                full = Z.new_empty(B, hk, Tm, P)
+                g = torch.matmul((S4 * rk[:, :, None]).transpose(-1, -2), Z, out=full[:, :, :T])   # r_j Z_i
+                full[:, :, T:] = 0
+                g.addcmul_(At, (ck * rk * rk)[..., None])                                       # + r² c m_j
                 if ctx.normalize == "max":                # ∂r_j/∂m_j = −r_j² at the argmax
                     g.scatter_add_(-1, top[:, k, :, None], (-(rk * rk) * through_r * live[:, k])[..., None])
                 else:                                     # ∂r_j/∂m_j = −r_j / Σ_p m_j
