@@ -588,6 +588,13 @@ def _draw_person(cv: _Canvas, w: dict) -> None:
             for side in (-1, 1):
                 cx = side * leg_x
                 cv.trapezoid(b, HIP_Y - 0.01, hem, cx - leg_r0 - 0.008, cx + leg_r0 + 0.008, cx - r_end, cx + r_end)
+            if w["bottoms_type"] == "shorts" and w["leg_exposure"] != "covered legs":
+                # the inner thighs in the notch between the legs' hems (boots up to the hem cover them): without it
+                # short shorts on touching thighs drew as a short pencil skirt, 2-3 px apart in a full-body shot
+                wh = 0.03 * bw
+                for side, leg_label in ((-1, R_LEG), (1, L_LEG)):
+                    cv.trapezoid(cv.material(leg_label, skin), hem - 0.08, hem, 0, 0, min(0, side * wh),
+                                 max(0, side * wh))
     else:
         hem = HEM_Y[w["dress_length"]]
         spread = 0.03 + 0.07 * (hem - WAIST_Y) / 0.5

@@ -218,6 +218,36 @@ def test_hats_bags_and_bottoms_never_take_the_colour_they_would_vanish_into():
     assert not any(w["hat_color"] == "beige" and w["hair_color"] == "blonde" for w in hats)  # 48 apart in RGB
 
 
+def test_another_bottoms_type_or_skirt_shape_changes_the_picture(people, monkeypatch):
+    """Where the annotation answers bottoms_type or skirt_shape, drawing the same person with another answer (same
+    length) changes at least 5 pixels clearly: short shorts show the thighs in the notch between their hems (without
+    it they drew as a short pencil skirt, 2-3 px apart in a full-body shot)."""
+    import cosmiclite.toyworld as tw
+    original = tw.sample_outfit
+
+    def redrawn(seed, change):
+        monkeypatch.setattr(tw, "sample_outfit", lambda rng, sampling: {**original(rng, sampling), **change})
+        try:
+            return render(seed).image
+        finally:
+            monkeypatch.setattr(tw, "sample_outfit", original)
+
+    fewest = {}
+    for p in people[:250]:
+        a, w = p.annotation.answers, p.worn
+        swaps = []
+        if a["bottoms_type"] in WORLD_ANSWERS["bottoms_type"]:
+            swaps += [("bottoms_type", {"bottoms_type": t, "skirt_shape": "pencil"}) for t in ("shorts", "skirt")
+                      if t != a["bottoms_type"] and w["bottoms_length"] in tw.BOTTOMS_LENGTHS[t]]
+        if a["skirt_shape"] in WORLD_ANSWERS["skirt_shape"]:
+            swaps.append(("skirt_shape", {"skirt_shape": "a-line" if a["skirt_shape"] == "pencil" else "pencil"}))
+        for q, change in swaps:
+            differ = int((np.abs(p.image.astype(int) - redrawn(p.seed, change).astype(int)).sum(-1) > 30).sum())
+            fewest[q] = min(fewest.get(q, differ), differ)
+    assert set(fewest) == {"bottoms_type", "skirt_shape"}
+    assert min(fewest.values()) >= 5, fewest
+
+
 def test_left_parts_are_the_persons_left_on_the_image_right(people):
     n = 0
     for p in people:
