@@ -291,8 +291,7 @@ class Eq3Bracket(torch.autograd.Function):
 
     i.e. the per-group Z (B, heads, G, P) routed to the tokens, by one row gather (`index_select`) for raw maps or
     by one matmul with S scaled by r when rescaled (a gather would need a second pass to scale), plus one fused
-    multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the
-    maps).
+    multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the maps).
     The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the
     pixel count).
     """
@@ -353,7 +352,7 @@ class Eq3Bracket(torch.autograd.Function):
         S4 = S[:, None]
         # Raw maps: routing Z_i to the tokens of group i is a row gather (each token in at most one group; tokens in
         # none, and the columns past T, read an all-zero row G): one index_select writes the whole gradient.
-        group = torch.where(S.any(1), S.argmax(1), G)                                           # (B,T)
+        group = torch.where(S.any(1), S.argmax(1), G) if r is None else None                    # (B,T)
         out, at = [], 0
         for m in maps:   # layer by layer, each gradient written once into its full-width, token-major tensor
             k = slice(at, at + m.shape[1])
