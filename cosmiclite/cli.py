@@ -183,11 +183,12 @@ def cmd_train_judge(args) -> int:
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
                       seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,
-                      vae_pool=args.vae_pool, parse_stride=args.parse_stride, fine_blocks=args.fine_blocks)
+                      vae_pool=args.vae_pool, parse_stride=args.parse_stride, fine_blocks=args.fine_blocks,
+                      device=args.device, workers=args.workers)
     augment = Augment(vae_p=args.vae_p)
     if args.vae:
         from diffusers import AutoencoderKL
-        augment.vae = vae_reconstructor(AutoencoderKL.from_pretrained(args.vae))
+        augment.vae = vae_reconstructor(AutoencoderKL.from_pretrained(args.vae).to(args.device))
     out = args.out or JUDGE_WEIGHTS
     command = (f"cosmiclite train-judge --steps {cfg.steps} --batch {cfg.batch} --pool {cfg.pool} "
                f"--eval-seeds {cfg.eval_seeds} --threads {cfg.threads} --seed {cfg.seed}"
@@ -195,6 +196,8 @@ def cmd_train_judge(args) -> int:
                + (f" --vae {args.vae} --vae-pool {cfg.vae_pool} --vae-p {augment.vae_p}" if args.vae else "")
                + (f" --parse-stride {cfg.parse_stride}" if cfg.parse_stride != 4 else "")
                + (f" --fine-blocks {cfg.fine_blocks}" if cfg.fine_blocks else "")
+               + (f" --device {cfg.device}" if cfg.device != "cpu" else "")
+               + (f" --workers {cfg.workers}" if cfg.workers != 1 else "")
                + (f" --out {args.out}" if args.out else ""))
     _, info = train_judge(cfg, augment, out=out, command=command)
     h = info["heldout"]
@@ -346,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the image side (default) or 1/2 (more pixels for small parts: hats, bags, belts)")
     s.add_argument("--fine-blocks", type=int, default=0, help="residual conv blocks on the features at 1/2 of the "
                    "side (default 0; with --init, a judge with fewer is deepened, starting equal in function)")
+    s.add_argument("--device", default="cpu", help="where to train and measure: cpu (default) or cuda; the weights "
+                   "are saved for the CPU either way")
+    s.add_argument("--workers", type=int, default=1, help="processes rendering the training pool (default 1)")
     s.add_argument("--out", metavar="PATH", help="weights path (default cosmiclite/assets/judge.safetensors; "
                    "the JSON config goes beside it)")
     s.set_defaults(run=cmd_train_judge)

@@ -296,11 +296,12 @@ class CNNJudge(Judge):
         """
         x = as_batch(images, self.cfg.size)
         self.net.eval()
+        device = next(self.net.parameters()).device
         outs = []
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
+            xb = x[i:i + batch_size].to(device)
             reads = [self.net(shifted(xb, dy, dx))[0] for dy, dx in self.cfg.shifts]
-            outs.append({q: sum(r[q].log_softmax(1) for r in reads) / len(reads) for q in self.cfg.heads})
+            outs.append({q: (sum(r[q].log_softmax(1) for r in reads) / len(reads)).cpu() for q in self.cfg.heads})
         return {q: torch.cat([o[q] for o in outs]) for q in self.cfg.heads}
 
     def answer(self, images: Any) -> list[dict[str, str]]:
@@ -418,7 +419,7 @@ class Augment:
         """x (B, 3, H, W) in [0, 1] -> augmented x; with `labels` (B, K, H, W) float maps (e.g. one-hot
         parsing) returns (x, labels) with the same shift applied to both (nothing else touches labels)."""
         B, _, H, W = x.shape
-        u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+        u = lambda *s: torch.rand(*s, generator=g).to(x.device)  # noqa: E731  (draws on g: same on every device)
         if self.vae is not None and self.vae_p > 0:
             m = u(B) < self.vae_p
             if m.any():
@@ -447,7 +448,7 @@ class Augment:
         if self.noise_p > 0:
             lo, hi = self.noise_std
             std = (lo + (hi - lo) * u(B, 1, 1, 1)) * (u(B, 1, 1, 1) < self.noise_p)
-            x = x + std * torch.randn(x.shape, generator=g)
+            x = x + std * torch.randn(x.shape, generator=g).to(x.device)
         x = x.clamp(0, 1)
         return x if labels is None else (x, labels)
 
@@ -455,7 +456,7 @@ class Augment:
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per image (sigma 0 = identity), as one grouped conv."""
     B, C, H, W = x.shape
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-t[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)                               # (B, 2r+1); sigma~0 -> a delta
     k = k.repeat_interleave(C, 0)                                # (B*C, 2r+1)
@@ -486,6 +487,39 @@ def render_batch(seeds: Iterable[int], size: int = 64, sampling=None) -> tuple[n
     from .toyworld import render
     people = [render(int(s), size=size, sampling=sampling) for s in seeds]
     return np.stack([p.image for p in people]), [p.annotation for p in people]
+
+
+def _render_range(start: int, stop: int, size: int) -> tuple[np.ndarray, np.ndarray, list[Annotation]]:
+    from .toyworld import render
+    people = [render(s, size=size) for s in range(start, stop)]
+    return (np.stack([p.image for p in people]), np.stack([p.parsing for p in people]),
+            [p.annotation for p in people])
+
+
+def render_pool(start: int, n: int, size: int = 64, workers: int = 1,
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[Annotation]]:
+    """Toy people of seeds start..start+n-1: images (n, H, W, 3), ATR parsing maps (n, H, W), annotations.
+
+    With `workers` > 1 the seeds are drawn in chunks by that many processes (the same people, in seed order).
+    """
+    from tqdm.auto import tqdm
+    chunk = 2000
+    spans = [(a, min(a + chunk, start + n)) for a in range(start, start + n, chunk)]
+    bar = tqdm(total=n, desc="render toy people", disable=not progress)
+    parts = []
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers) as ex:
+            for a, b, part in zip(*zip(*spans), ex.map(_render_range, *zip(*spans), [size] * len(spans))):
+                parts.append(part)
+                bar.update(b - a)
+    else:
+        for a, b in spans:
+            parts.append(_render_range(a, b, size))
+            bar.update(b - a)
+    bar.close()
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [a for p in parts for a in p[2]])
 
 
 def heads_for(annotations: Iterable[Annotation], protocol: Protocol | None = None) -> dict[str, list[str]]:
@@ -546,6 +580,8 @@ class TrainConfig:
     parse_stride: int = 4             # JudgeConfig.parse_stride (2: regions read at 1/2 of the side); with init, a
                                       # stride-4 judge asked for 2 is widened by `finer`
     fine_blocks: int = 0              # JudgeConfig.fine_blocks; with init, a judge with fewer is deepened by `deeper`
+    device: str = "cpu"               # where the net trains and is measured ("cuda": pool, batches, augmentation there)
+    workers: int = 1                  # processes rendering the pool
 
 
 def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
@@ -566,18 +602,12 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     g = torch.Generator().manual_seed(cfg.seed)
     augment = augment if augment is not None else Augment()
     t0 = time.time()
-    from .toyworld import render
-    imgs, parsings, anns = [], [], []
-    for s in tqdm(range(TRAIN_SEED_START, TRAIN_SEED_START + cfg.pool), desc="render toy people",
-                  disable=not progress):
-        p = render(s, size=cfg.size)
-        imgs.append(p.image)
-        parsings.append(p.parsing)
-        anns.append(p.annotation)
-    pool = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()   # uint8 (N, 3, H, W)
-    pool_parsing = torch.from_numpy(np.stack(parsings))                          # (N, H, W) uint8 ATR labels
+    device = torch.device(cfg.device)
+    imgs, parsings, anns = render_pool(TRAIN_SEED_START, cfg.pool, cfg.size, cfg.workers, progress)
+    pool = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 (N, 3, H, W)
+    pool_parsing = torch.from_numpy(parsings).to(device)                        # (N, H, W) uint8 ATR labels
     heads = heads_for(anns)
-    y = targets(anns, heads)
+    y = targets(anns, heads).to(device)
     del imgs, parsings, anns
     render_s = time.time() - t0
     pool_vae = None
@@ -602,6 +632,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
             raise ValueError(f"--init {cfg.init}: its heads/size do not match this toy world's "
                              f"({sorted(set(start.cfg.heads) ^ set(heads))}); train from scratch instead")
         jcfg, net, previous = start.cfg, start.net.train(), start.cfg.info
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     net.train()
@@ -612,6 +643,8 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         if pool_vae is not None:
             rec = torch.rand(cfg.batch, generator=g) < vae_p
             idx = torch.where(rec, torch.randint(0, len(pool_vae), (cfg.batch,), generator=g), idx)
+            rec = rec.to(device)
+        idx = idx.to(device)
         onehot = F.one_hot(pool_parsing[idx].long(), N_LABELS).permute(0, 3, 1, 2).float()
         x = pool[idx] if pool_vae is None else torch.where(rec[:, None, None, None], pool_vae[idx % len(pool_vae)],
                                                            pool[idx])
@@ -631,6 +664,8 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         bar.set_postfix(loss=f"{running:.3f}")
     train_s = time.time() - t0
     judge = CNNJudge(net.eval(), jcfg)
+    heldout = heldout_record(judge, range(cfg.eval_seeds), cfg.size)    # read on `device`, weights kept on the CPU
+    judge.net.cpu()
     info = {
         "command": command or "cosmiclite train-judge",
         "train": asdict(cfg), "augment": {k: v for k, v in asdict(augment).items() if k != "vae"},
@@ -639,7 +674,8 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
         "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1),
         "final_loss": round(running, 4), "torch": torch.__version__, "threads": cfg.threads,
         "params": sum(p.numel() for p in net.parameters()),
-        "heldout": heldout_record(judge, range(cfg.eval_seeds), cfg.size), "heldout_shifts": list(jcfg.shifts),
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "heldout": heldout, "heldout_shifts": list(jcfg.shifts),
     }
     if previous:  # a continued run: keep the history of every stage that made these weights
         info["continued_from"] = {k: previous.get(k) for k in

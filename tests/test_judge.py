@@ -288,3 +288,17 @@ def test_train_judge_command_records_the_vae_share_and_blocks(tmp_path):
     info = cfg["info"]
     assert info["augment"]["vae_p"] == 0.3 and info["vae_augmented"] and cfg["fine_blocks"] == 1
     assert "--vae-pool 8 --vae-p 0.3" in info["command"] and "--fine-blocks 1" in info["command"]
+
+
+def test_render_pool_is_the_same_people_with_any_number_of_workers():
+    from cosmiclite.judge import render_pool
+    from cosmiclite.toyworld import render
+    one = render_pool(500, 2003, workers=1, progress=False)            # two chunks: 2000 + 3
+    two = render_pool(500, 2003, workers=2, progress=False)
+    assert one[0].shape == (2003, 64, 64, 3) and one[1].shape == (2003, 64, 64)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    assert [a.answers for a in one[2]] == [a.answers for a in two[2]]
+    p = render(2502)                                                     # the last seed, in order
+    np.testing.assert_array_equal(one[0][-1], p.image)
+    assert one[2][-1].answers == p.annotation.answers
