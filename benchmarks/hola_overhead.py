@@ -30,7 +30,7 @@ Setups (random weights: the cost does not depend on the values):
 Masks, spans and captions are real: toy-world people (`cosmiclite.data.ToyWorldDataset`) at the image size.
 
     python benchmarks/hola_overhead.py [--quick] [--device cpu|cuda] [--batch 8] [--threads 2] [--reps N]
-                                       [--normalize none|max|sum] [--resolutions 16]
+                                       [--normalize none|max|sum] [--hola JSON]
 """
 from __future__ import annotations
 
@@ -242,9 +242,8 @@ def main(argv=None):
     ap.add_argument("--normalize", choices=("none", "max", "sum"), default=None,
                     help="HOLA map normalisation (default: the preset's, toy max, sd15 none); when given, the "
                          "result file is named with it")
-    ap.add_argument("--resolutions", default=None, help="HOLA map sides, comma-separated (e.g. 16), or a fraction "
-                    "like 1/16 (default: the preset's, toy 8,16, sd15 1/16); when given, the result file is named "
-                    "with it")
+    ap.add_argument("--hola", default=None, help="HolaConfig keys over the preset's, as JSON, e.g. "
+                    "'{\"resolutions\": [16], \"heads\": \"mean\"}'; when given, the result file is named with them")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -266,10 +265,11 @@ def main(argv=None):
     if args.normalize:
         hola = replace(hola, normalize=args.normalize)
         name += f"-normalize-{args.normalize}"
-    if args.resolutions:
-        r = args.resolutions
-        hola = replace(hola, resolutions=r if "/" in r else tuple(int(x) for x in r.split(",")))
-        name += "-resolutions-" + r.replace("/", "of").replace(",", "-")
+    if args.hola:
+        keys = json.loads(args.hola)
+        hola = HolaConfig.from_dict({**hola.to_dict(), **keys})
+        name += "".join(f"-{k}-" + "-".join(map(str, v if isinstance(v, list) else [v])).replace("/", "of")
+                        for k, v in sorted(keys.items()))
     lora_rank = 8 if arch == "toy" else 16
     bf16 = checkpointing = cuda
     load_before = os.getloadavg()
