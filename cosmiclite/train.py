@@ -637,8 +637,13 @@ class Trainer:
             unet.requires_grad_(False).to(self.acc.device)
             if self.weight_dtype != torch.float32:   # the frozen base in half precision, the adapter in fp32
                 unet.to(dtype=self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                        init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
+            # The adapter's initial A matrices come from torch's global RNG, which torch seeds at random in every
+            # process and a pretrained model's loading does not reseed: draw them from cfg.seed alone (the same run
+            # in any process), leaving the global RNG as found
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                            init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
             for p in unet.parameters():      # trainable LoRA weights stay in fp32 under fp16/bf16
                 if p.requires_grad:
                     p.data = p.data.float()

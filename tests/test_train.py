@@ -218,3 +218,19 @@ def test_export_pipeline_from_a_full_fine_tune_checkpoint(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a red t-shirt", num_inference_steps=2, output_type="np").images[0]
     assert img.shape == (32, 32, 3) and np.isfinite(img).all()
+
+
+def test_lora_starts_from_the_config_seed_whatever_the_global_rng(tmp_path):
+    """The adapter's initial weights depend on `seed` alone: torch seeds its global RNG at random in each process,
+    and loading a pretrained model (here the shipped toy one) does not reseed it."""
+    def lora_a(global_seed, seed=0):
+        torch.manual_seed(global_seed)
+        cfg = tiny(tmp_path / f"g{global_seed}_{seed}", seed=seed)
+        cfg["model"] = {"pretrained": "toy"}
+        cfg["data"]["image_size"] = 64
+        model = Trainer(load_config(cfg)).model
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    a, b = lora_a(1), lora_a(2)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    c = lora_a(1, seed=1)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
