@@ -502,20 +502,18 @@ def render_pool(start: int, n: int, size: int = 64, workers: int = 1,
 
     With `workers` > 1 the seeds are drawn in chunks by that many processes (the same people, in seed order).
     """
+    from concurrent.futures import ProcessPoolExecutor
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
     chunk = 2000
     spans = [(a, min(a + chunk, start + n)) for a in range(start, start + n, chunk)]
     bar = tqdm(total=n, desc="render toy people", disable=not progress)
+    starts, stops = zip(*spans)
     parts = []
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers) as ex:
-            for a, b, part in zip(*zip(*spans), ex.map(_render_range, *zip(*spans), [size] * len(spans))):
-                parts.append(part)
-                bar.update(b - a)
-    else:
-        for a, b in spans:
-            parts.append(_render_range(a, b, size))
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as ex:
+        for (a, b), part in zip(spans, (ex.map if ex else map)(_render_range, starts, stops, [size] * len(spans))):
+            parts.append(part)
             bar.update(b - a)
     bar.close()
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
