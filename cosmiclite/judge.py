@@ -430,8 +430,10 @@ class Augment:
             s = self.shift
             both = x if labels is None else torch.cat([x, labels], 1)
             xp = F.pad(both, (s, s, s, s), mode="replicate")
-            dx, dy = torch.randint(0, 2 * s + 1, (2, B), generator=g).tolist()
-            both = torch.stack([xp[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+            dx, dy = torch.randint(0, 2 * s + 1, (2, B), generator=g).to(x.device)
+            rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]      # (B, H, 1)
+            cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]      # (B, 1, W)
+            both = xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
             x, labels = (both, None) if labels is None else (both[:, :3], both[:, 3:])
         m = u(B) < self.resample_p
         if m.any():

@@ -305,3 +305,17 @@ def test_render_pool_is_the_same_people_with_any_number_of_workers():
     p = render(2502)                                                     # the last seed, in order
     np.testing.assert_array_equal(one[0][-1], p.image)
     assert one[2][-1].answers == p.annotation.answers
+
+
+def test_augment_shift_moves_each_image_and_its_labels_alike():
+    """The shift is one gather: image i is the replicate-padded image cropped at its own (dy, dx), its labels too."""
+    import torch.nn.functional as F
+    x, lab = torch.rand(6, 3, 16, 16), torch.rand(6, 5, 16, 16)
+    shift_only = Augment(blur_p=0, noise_p=0, resample_p=0, shift=2, gain=0, brightness=0)
+    y, l = shift_only(x, torch.Generator().manual_seed(3), lab)
+    dx, dy = torch.randint(0, 5, (2, 6), generator=torch.Generator().manual_seed(3)).tolist()  # the same draws
+    xp = F.pad(torch.cat([x, lab], 1), (2, 2, 2, 2), mode="replicate")
+    for i in range(6):
+        crop = xp[i, :, dy[i]:dy[i] + 16, dx[i]:dx[i] + 16]
+        assert torch.equal(y[i], crop[:3]) and torch.equal(l[i], crop[3:])
+    assert len({(a, b) for a, b in zip(dx, dy)}) > 1        # not one shift for the whole batch
