@@ -486,14 +486,15 @@ def vae_reconstructor(vae, sample: bool = False) -> Callable[[torch.Tensor], tor
 # ---------------------------------------------------------------------------------------------
 def render_batch(seeds: Iterable[int], size: int = 64, sampling=None) -> tuple[np.ndarray, list[Annotation]]:
     """Render toy people: images (B, H, W, 3) uint8 and their annotations."""
+    images, _, annotations = _render_people(seeds, size, sampling)
+    return images, annotations
+
+
+def _render_people(seeds: Iterable[int], size: int = 64,
+                   sampling=None) -> tuple[np.ndarray, np.ndarray, list[Annotation]]:
+    """Images (B, H, W, 3), ATR parsing maps (B, H, W) and annotations of the toy people of `seeds`."""
     from .toyworld import render
     people = [render(int(s), size=size, sampling=sampling) for s in seeds]
-    return np.stack([p.image for p in people]), [p.annotation for p in people]
-
-
-def _render_range(start: int, stop: int, size: int) -> tuple[np.ndarray, np.ndarray, list[Annotation]]:
-    from .toyworld import render
-    people = [render(s, size=size) for s in range(start, stop)]
     return (np.stack([p.image for p in people]), np.stack([p.parsing for p in people]),
             [p.annotation for p in people])
 
@@ -509,14 +510,13 @@ def render_pool(start: int, n: int, size: int = 64, workers: int = 1,
 
     from tqdm.auto import tqdm
     chunk = 2000
-    spans = [(a, min(a + chunk, start + n)) for a in range(start, start + n, chunk)]
+    chunks = [range(a, min(a + chunk, start + n)) for a in range(start, start + n, chunk)]
     bar = tqdm(total=n, desc="render toy people", disable=not progress)
-    starts, stops = zip(*spans)
     parts = []
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as ex:
-        for (a, b), part in zip(spans, (ex.map if ex else map)(_render_range, starts, stops, [size] * len(spans))):
+        for seeds, part in zip(chunks, (ex.map if ex else map)(_render_people, chunks, [size] * len(chunks))):
             parts.append(part)
-            bar.update(b - a)
+            bar.update(len(seeds))
     bar.close()
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
             [a for p in parts for a in p[2]])
