@@ -42,7 +42,6 @@ import platform
 import statistics
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -262,11 +261,8 @@ def main(argv=None):
     # the image side (CosmicMan)
     hola = (HolaConfig(resolutions=(8, 16), normalize="max") if arch == "toy"
             else HolaConfig(resolutions="1/16"))
-    if args.normalize:
-        hola = replace(hola, normalize=args.normalize)
-        name += f"-normalize-{args.normalize}"
-    if args.hola:
-        keys = json.loads(args.hola)
+    keys = {**({"normalize": args.normalize} if args.normalize else {}), **json.loads(args.hola or "{}")}
+    if keys:   # --normalize X is short for --hola '{"normalize": "X"}'
         hola = HolaConfig.from_dict({**hola.to_dict(), **keys})
         name += "".join(f"-{k}-" + "-".join(map(str, v if isinstance(v, list) else [v])).replace("/", "of")
                         for k, v in sorted(keys.items()))
