@@ -137,7 +137,7 @@ class Setup:
 
     def capture(self):
         return capture_cross_attention(self.unet, "training", resolutions=self.sides,
-                                       head_mean=self.hola.heads == "mean")
+                                       head_mean=self.hola.heads == "mean", local=self.hola.gradient == "local")
 
 
 def saved_tensor_bytes(setup: Setup, hola: bool) -> int:

@@ -3,7 +3,7 @@ accuracy), optionally against the same fine-tune without HOLA on the same people
 
     python benchmarks/hola_setting.py NAME [--hola '{"beta": 0.1}'] [--steps 200] [--threads 2]
                                            [--eval-people 24] [--seed 0] [--judge J] [--baseline] [--out /tmp/hx]
-                                           [--reuse] [--device cpu|cuda]
+                                           [--reuse] [--device cpu|cuda] [--full LR]
 
 The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_beta`) with `--hola`'s keys
 (any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
@@ -28,21 +28,30 @@ KEYS = ("acc_obj", "acc_tex", "acc_shape", "acc_all")
 
 
 def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, threads: int, reuse: bool = False,
-        device: str = "cpu") -> dict:
-    """Fine-tune with these HOLA keys (or, with `reuse`, take the LoRA an earlier run left), then measure."""
+        device: str = "cpu", full_lr: float | None = None) -> dict:
+    """Fine-tune with these HOLA keys (or, with `reuse`, take the LoRA an earlier run left), then measure.
+
+    full_lr: a full fine-tune of the UNet at this learning rate instead of the demo's LoRA (configs/toy_full.yaml's
+    optimiser, no EMA), measured from the pipeline folder it writes."""
     c = lora_config(cfg, cfg.hola_beta, out / name)
     c["hola"].update(hola)
     c["run"]["threads"] = threads
+    if full_lr is not None:
+        c["lora"] = None
+        c["optim"] = {"lr": full_lr, "lr_scheduler": "constant_with_warmup", "warmup_steps": 20}
+    made = out / name / ("pipeline" if full_lr is not None else "lora")
     t0 = time.time()
-    if not (reuse and (out / name / "lora").exists()):
+    if not (reuse and made.exists()):
         train(c)
     t1 = time.time()
-    pipe = load_toy_pipeline().to(device)   # training picks its device itself (accelerate: CUDA when present)
+    # training picks its device itself (accelerate: CUDA when present)
+    pipe = load_toy_pipeline(made if full_lr is not None else None).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(out / name / "lora"))
+    if full_lr is None:
+        pipe.load_lora_weights(str(made))
     m = measure(pipe, judge, people, cfg)
     a = m["alignment"]
-    return {"name": name, "hola": c["hola"], "steps": cfg.steps, "mean_mass": a["mean_mass"],
+    return {"name": name, "hola": c["hola"], "lora": c["lora"], "optim": c["optim"], "steps": cfg.steps, "mean_mass": a["mean_mass"],
             "mean_lift": a["mean_lift"], "lift": {g: round(v["lift"], 3) for g, v in a["by_group"].items()},
             "acc": {k: m["accuracy"][k] for k in KEYS}, "per_image": m["accuracy"]["per_image"],
             "train_seconds": round(t1 - t0), "measure_seconds": round(time.time() - t1)}
@@ -70,6 +79,8 @@ def main():
     ap.add_argument("--out", default="/tmp/hx")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the fine-tuned pipeline is measured (the judge reads the images on CPU)")
+    ap.add_argument("--full", type=float, default=None, metavar="LR", help="a full fine-tune of the UNet at this "
+                    "learning rate (e.g. 1e-4, configs/toy_full.yaml's) instead of the demo's LoRA")
     ap.add_argument("--reuse", action="store_true", help="measure the LoRAs an earlier run left in OUT (e.g. with a "
                     "new judge) instead of training them again")
     args = ap.parse_args()
@@ -80,10 +91,10 @@ def main():
     result = {"name": args.name, "eval_people": cfg.eval_people, "seed": cfg.seed, "judge": args.judge or "shipped",
               "threads": args.threads, "device": args.device,
               "hola": run(args.name, json.loads(args.hola), cfg, people, judge, out, args.threads, args.reuse,
-                          args.device)}
+                          args.device, args.full)}
     if args.baseline:
         result["noise_only"] = run(f"{args.name}_noise_only", {"beta": 0.0}, cfg, people, judge, out, args.threads,
-                                   args.reuse, args.device)
+                                   args.reuse, args.device, args.full)
         result["difference"] = paired(result["hola"], result["noise_only"])
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     for r in (result["hola"], result.get("noise_only")):

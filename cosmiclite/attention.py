@@ -155,11 +155,13 @@ class TrainingStore(_Store):
     """Keeps every recorded M of the latest UNet forward in the autograd graph (for HOLA, Eq. 3).
 
     head_mean: average over heads (shape (B, 1, N, 77)) or keep them (B, heads, N, 77).
+    local: a loss on the maps trains each layer's query and key projections only, not the features below them
+           (`LocalMaps`); False: its gradient flows through the whole UNet like any other.
     """
 
-    def __init__(self, resolutions=None, cfg=False, head_mean: bool = False):
+    def __init__(self, resolutions=None, cfg=False, head_mean: bool = False, local: bool = False):
         super().__init__(resolutions, cfg)
-        self.head_mean = head_mean
+        self.head_mean, self.local = head_mean, local
         self._maps: dict[int, list[torch.Tensor]] = {}
         self.layers: dict[int, list[str]] = {}
         self.grids: dict[int, tuple[int, int]] = {}
@@ -255,6 +257,32 @@ class InferenceStore(_Store):
 
 # --------------------------------------------------------------------------------------------------- processor
 
+class LocalMaps(torch.autograd.Function):
+    """M^T again, with a gradient that stops at this layer: a loss on the recorded maps (HOLA) trains the layer's
+    query and key projections (W_q, W_k and their LoRA) but not the features they read.
+
+        forward(Mt, Q, K_s) = Mt            (Mt = Softmax(K_s Q^T) over the tokens, computed once by the caller)
+        backward: dS = Mt * (dMt - Σ_j dMt_j Mt_j)   (the softmax's backward),  dQ = dS^T K_s,  dK_s = dS Q
+
+    Q is the caller's W_q applied to the *detached* hidden states, so dQ flows into W_q only. The layer's output
+    keeps the ordinary graph through the same Mt, so the noise loss still trains everything (Eq. 4's α term).
+    One more softmax backward per recorded layer than a shared graph, but no sum of the two gradients on M.
+    """
+
+    @staticmethod
+    def forward(ctx, Mt, Q, Ks):
+        ctx.save_for_backward(Mt, Q, Ks)
+        return Mt
+
+    @staticmethod
+    def backward(ctx, g):
+        Mt, Q, Ks = ctx.saved_tensors
+        dS = torch._softmax_backward_data(g.to(Mt.dtype), Mt, -2, Mt.dtype)      # (b, heads, 77, N)
+        dQ = dS.transpose(-1, -2) @ Ks if ctx.needs_input_grad[1] else None
+        dK = dS @ Q if ctx.needs_input_grad[2] else None
+        return None, dQ, dK
+
+
 class CrossAttentionCapture:
     """Attention processor for a cross-attention layer: Eq. 2 computed eagerly where recorded, stock elsewhere.
 
@@ -310,13 +338,18 @@ class CrossAttentionCapture:
         # Computed token-major, S^T = K Q^T (b, heads, 77, N): each token's map m_j is then a contiguous row, which
         # is what the loss reads (HOLA's sums and maxima over pixels run ~3-8x faster along rows than down columns
         # on CPU). The same cost as Q K^T here; the store gets M as the (b, heads, N, 77) view it documents.
-        St = (K * attn.scale) @ Q.transpose(-1, -2)                   # (Q K^T / sqrt(d))^T: (b, heads, 77, N)
+        Ks = K * attn.scale
+        St = Ks @ Q.transpose(-1, -2)                                  # (Q K^T / sqrt(d))^T: (b, heads, 77, N)
         if mask is not None:
             St = St + mask[c0:].transpose(-1, -2)
         if attn.upcast_softmax:
             St = St.float()
         Mt = St.softmax(dim=-2).to(dtype)                              # Eq. 2: M = Softmax(Q K^T / sqrt(d)), as M^T
-        self.store.record(self.name, Mt.transpose(-1, -2), hw)
+        rec = Mt
+        if getattr(self.store, "local", False):   # the loss on M reaches this layer's W_q, W_k, not the features below
+            Ql = attn.to_q(hidden_states[c0:].detach()).unflatten(-1, (heads, -1)).transpose(1, 2)
+            rec = LocalMaps.apply(Mt.detach(), Ql.to(K.dtype), Ks)
+        self.store.record(self.name, rec.transpose(-1, -2), hw)
         outs.append((V.transpose(-1, -2) @ Mt).transpose(-1, -2))      # M V, as (V^T M^T)^T: M's gradient token-major
 
         out = (torch.cat(outs) if c0 else outs[0]).transpose(1, 2).flatten(2)  # (B, N, heads * d)
@@ -333,7 +366,7 @@ def cross_attention_layers(unet) -> list[str]:
 
 @contextmanager
 def capture_cross_attention(unet, mode: str = "inference", resolutions: Sequence[int] | None = None, *,
-                            cfg: bool = False, head_mean: bool = False, per_step: bool = False,
+                            cfg: bool = False, head_mean: bool = False, local: bool = False, per_step: bool = False,
                             spans: Sequence[Span] | None = None, keep_tokens: bool = True,
                             layers: Callable[[str], bool] | None = None) -> Iterator[_Store]:
     """Install `CrossAttentionCapture` on the UNet's cross-attention layers; restore the processors on exit.
@@ -342,14 +375,15 @@ def capture_cross_attention(unet, mode: str = "inference", resolutions: Sequence
             noise_pred = unet(z_t, t, c).sample
             maps = store.maps()           # {8: [(B, heads, 64, 77), ...], 16: [(B, heads, 256, 77), ...]}
 
-    mode: "training" (TrainingStore, maps in the graph, `head_mean` to average heads) or "inference"
+    mode: "training" (TrainingStore, maps in the graph, `head_mean` to average heads, `local` to stop their
+        gradient at each layer's W_q and W_k) or "inference"
         (InferenceStore: `per_step`, `spans`, `keep_tokens`).
     resolutions: map heights to record (None: `default_resolutions` of the latent size).
     cfg: the UNet batch is [uncond, cond] (diffusers' SD/SDXL pipelines with guidance_scale > 1): keep the cond half.
     layers: optional filter on processor names, e.g. `lambda n: n.startswith("up_blocks")`.
     """
     if mode == "training":
-        store: _Store = TrainingStore(resolutions, cfg, head_mean=head_mean)
+        store: _Store = TrainingStore(resolutions, cfg, head_mean=head_mean, local=local)
     elif mode == "inference":
         store = InferenceStore(resolutions, cfg, per_step=per_step, spans=spans, keep_tokens=keep_tokens)
     else:

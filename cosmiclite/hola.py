@@ -55,6 +55,7 @@ _CHOICES = {
     "weighting": ("pooled", "eq3", "group"),
     "empty_masks": ("skip", "keep"),
     "mask_resize": ("bilinear", "area"),
+    "gradient": ("full", "local"),
 }
 
 
@@ -77,6 +78,10 @@ class HolaConfig:
     mask_resize:     how a mask is resized when the caller gave no mask at a map's resolution.
     alpha, beta:     the weights of Eq. 4.
     drop_prob:       probability that a sample's HOLA term is dropped (CosmicMan: 0.1); see `sample_keep`.
+    gradient:        "full" — L_HOLA backpropagates through the whole UNet like L_noise (CosmicMan); "local" — it
+                     stops at each captured layer's query and key projections (W_q, W_k and their LoRA), so HOLA
+                     moves where the words attend without reshaping the features the queries are read from (an
+                     experiment the paper does not make; `cosmiclite.attention.LocalMaps`).
     t_range:         (lo, hi): HOLA only for samples whose training timestep t has lo <= t < hi; None (default,
                      CosmicMan): every t. An experiment the paper does not make; see `in_t_range`.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
@@ -92,6 +97,7 @@ class HolaConfig:
     alpha: float = 1.0
     beta: float = 1.0
     drop_prob: float = 0.1
+    gradient: Literal["full", "local"] = "full"
     t_range: tuple[int, int] | None = None
     eps: float = 1e-6
 
