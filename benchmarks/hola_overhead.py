@@ -46,13 +46,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from cosmiclite.attention import capture_cross_attention
 from cosmiclite.data import ToyWorldDataset, collate
 from cosmiclite.hola import HolaConfig, hola_terms
 from cosmiclite.models import architecture, build_text_encoder, build_unet, build_vae
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -257,16 +259,15 @@ def main(argv=None):
     image_px = args.image_px or architecture(arch).image_size
     batch = args.batch or (4 if cuda else 8)
     reps = args.reps or (6 if args.quick else 15)
-    # HOLA as the presets: toy_lora.yaml max-normalised maps at 8 and 16; sd15_lora.yaml raw maps at "1/16" of
-    # the image side (CosmicMan)
-    hola = (HolaConfig(resolutions=(8, 16), normalize="max") if arch == "toy"
-            else HolaConfig(resolutions="1/16"))
+    # HOLA and the LoRA rank as the presets say: configs/toy_lora.yaml for the toy, configs/sd15_lora.yaml otherwise
+    preset = yaml.safe_load((ROOT / "configs" / f"{'toy' if arch == 'toy' else 'sd15'}_lora.yaml").read_text())
+    hola = HolaConfig.from_dict(preset["hola"])
     keys = {**({"normalize": args.normalize} if args.normalize else {}), **json.loads(args.hola or "{}")}
     if keys:   # --normalize X is short for --hola '{"normalize": "X"}'
         hola = HolaConfig.from_dict({**hola.to_dict(), **keys})
         name += "".join(f"-{k}-" + "-".join(map(str, v if isinstance(v, list) else [v])).replace("/", "of")
                         for k, v in sorted(keys.items()))
-    lora_rank = 8 if arch == "toy" else 16
+    lora_rank = preset["lora"]["rank"]
     bf16 = checkpointing = cuda
     load_before = os.getloadavg()
 

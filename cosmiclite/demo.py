@@ -55,7 +55,7 @@ def lora_config(cfg: DemoConfig, beta: float, output: str | Path) -> dict:
         "data": {"source": "toy", "image_size": 64, "num_samples": cfg.train_people, "latent_pool": True,
                  "caption": {"shuffle_groups": True, "group_drop": 0.05, "uncond": 0.1}},
         "lora": {"rank": cfg.rank, "alpha": cfg.rank, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
-        "hola": {"alpha": 1.0, "beta": beta, "resolutions": [8, 16], "normalize": "max"},
+        "hola": {"alpha": 1.0, "beta": beta, "resolutions": [8], "normalize": "max"},
         "optim": {"lr": cfg.lr, "lr_scheduler": "constant"},
         "run": {"batch_size": cfg.batch_size, "max_steps": cfg.steps, "checkpoint_every": cfg.steps,
                 "log_every": 10},

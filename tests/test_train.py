@@ -160,6 +160,23 @@ def test_hola_gradients_flow_with_gradient_checkpointing(tmp_path):
     assert out["hola_loss"] > 0 and grads and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_hola_gradient_local_reaches_only_the_captured_layers_query_and_key(tmp_path):
+    """hola.gradient: local in a training run: HOLA alone (alpha = 0) trains the LoRA of the attn2 layers at the
+    HOLA resolution's to_q/to_k, nothing else; the default ("full") reaches further down the UNet."""
+    def hit(**changes):
+        trainer = Trainer(load_config(tiny(tmp_path / str(changes), **{"hola.alpha": 0.0, "hola.drop_prob": 0.0,
+                                                                         "hola.resolutions": [8], **changes})))
+        trainer.data.prepare(trainer)
+        trainer.unet_loss(trainer.data.batch(0))["loss"].backward()
+        return {n for n, p in trainer.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    local, full = hit(**{"hola.gradient": "local"}), hit()
+    assert local and all(".attn2.to_q." in n or ".attn2.to_k." in n for n in local)
+    assert local < full and any(".attn1." in n or ".to_v." in n for n in full)
+    with pytest.raises(ConfigError, match="gradient"):
+        load_config(tiny(tmp_path, **{"hola.gradient": "partly"}))
+
+
 def test_hola_t_range_gates_samples_by_timestep(tmp_path):
     def losses(name, **changes):
         trainer = Trainer(load_config(tiny(tmp_path / name, **{"hola.drop_prob": 0.0, **changes})))
