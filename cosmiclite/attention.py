@@ -116,6 +116,8 @@ def mass_in_mask(maps: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12) ->
 class _Store:
     """What the processors report to. Knows the current latent size, step and timestep from a UNet pre-hook."""
 
+    local = False   # whether a loss on the recorded maps stops at each layer's W_q, W_k (TrainingStore's option)
+
     def __init__(self, resolutions: Sequence[int] | None, cfg: bool):
         self.resolutions = tuple(resolutions) if resolutions is not None else None
         self.cfg = cfg
@@ -346,7 +348,7 @@ class CrossAttentionCapture:
             St = St.float()
         Mt = St.softmax(dim=-2).to(dtype)                              # Eq. 2: M = Softmax(Q K^T / sqrt(d)), as M^T
         rec = Mt
-        if getattr(self.store, "local", False):   # the loss on M reaches this layer's W_q, W_k, not the features below
+        if self.store.local:   # the loss on M reaches this layer's W_q, W_k, not the features below
             Ql = attn.to_q(hidden_states[c0:].detach()).unflatten(-1, (heads, -1)).transpose(1, 2)
             rec = LocalMaps.apply(Mt.detach(), Ql.to(K.dtype), Ks)
         self.store.record(self.name, rec.transpose(-1, -2), hw)
