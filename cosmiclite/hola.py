@@ -84,6 +84,10 @@ class HolaConfig:
                      experiment the paper does not make; `cosmiclite.attention.LocalMaps`).
     t_range:         (lo, hi): HOLA only for samples whose training timestep t has lo <= t < hi; None (default,
                      CosmicMan): every t. An experiment the paper does not make; see `in_t_range`.
+    token_weight:    the weight of Eq. 3's first (per-token) term against the second (group-mean) one: 1 as the
+                     paper and CosmicMan; 0 keeps only ‖m̄_i − h_i‖², so each word may look at part of its group's
+                     region as long as the group's mean map covers it. With "pooled" a token map then counts
+                     token_weight times a group-mean map in the mean. An experiment the paper does not make.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -99,6 +103,7 @@ class HolaConfig:
     drop_prob: float = 0.1
     gradient: Literal["full", "local"] = "full"
     t_range: tuple[int, int] | None = None
+    token_weight: float = 1.0
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -115,6 +120,9 @@ class HolaConfig:
             raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
+        if self.token_weight < 0:
+            raise ValueError(f"HolaConfig.token_weight={self.token_weight}: must be >= 0 (1 = Eq. 3 as written, "
+                             "0 = the group-mean term only)")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"HolaConfig alpha={self.alpha}, beta={self.beta}: Eq. 4 weights must be >= 0")
         if self.t_range is not None:
@@ -486,12 +494,13 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
             e_tok, e_grp = e_tok / P, e_grp / P
         e_tok, e_grp = e_tok * vmask, e_grp * vmask
 
+        w = cfg.token_weight                                           # Eq. 3's first term, weighted (1: as written)
         if cfg.weighting == "pooled":        # CosmicMan: one mean over all token and group-mean maps
-            per_bh = (e_tok.sum(-1) + e_grp.sum(-1)) / (n.sum(-1) + N).clamp_min(1)[:, None]
+            per_bh = (w * e_tok.sum(-1) + e_grp.sum(-1)) / (w * n.sum(-1) + N).clamp_min(1)[:, None]
         else:
-            bracket = e_tok + e_grp                                    # Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²
+            bracket = w * e_tok + e_grp                                # Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²
             if cfg.weighting == "group":
-                bracket = bracket / (n + 1)[:, None]
+                bracket = bracket / (w * n + 1)[:, None]
             per_bh = bracket.sum(-1) / N.clamp_min(1)[:, None]         # 1/N Σ_i
         per_sample_sum = per_sample_sum + per_bh.sum(1) * has
         per_sample_cnt = per_sample_cnt + H * has

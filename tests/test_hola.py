@@ -356,3 +356,24 @@ def test_t_range_selects_timesteps_and_round_trips():
     for bad in ([500, 500], [-1, 10], [0.5, 10], [1, 2, 3]):
         with pytest.raises(ValueError, match="t_range"):
             HolaConfig(t_range=bad)
+
+
+def test_token_weight_zero_keeps_the_group_mean_term_only_hand_worked():
+    """token_weight scales Eq. 3's first term. Hand example (see hand_example), pixel mean: with token_weight 0,
+    "eq3" = 1/2 (5/32 + 1/8) = 9/64 and "pooled" = (5/32 + 1/8) / 2 = 9/64; with 0.5, pooled = (0.5 (1/4 + 1/8 + 1/8)
+    + 5/32 + 1/8) / (0.5 * 3 + 2) = (17/32) / 3.5. The gradient then no longer tells a group's tokens apart."""
+    maps, spans, masks, present = hand_example()
+    for weighting in ("eq3", "pooled"):
+        cfg = HolaConfig(resolutions="all", weighting=weighting, token_weight=0.0)
+        assert math.isclose(hola_loss(maps, spans, masks, present, cfg).item(), 9 / 64, rel_tol=1e-6)
+    half = HolaConfig(resolutions="all", token_weight=0.5)
+    assert math.isclose(hola_loss(maps, spans, masks, present, half).item(), 17 / 32 / 3.5, rel_tol=1e-6)
+    assert hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all", token_weight=1.0)).item() == \
+        hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all")).item()
+    m = maps[2].clone().requires_grad_()
+    hola_loss({2: m}, spans, masks, present, HolaConfig(resolutions="all", token_weight=0.0)).backward()
+    g = m.grad[0, 0]                                                  # (P, T): tokens 1 and 2 form group 0
+    torch.testing.assert_close(g[:, 1], g[:, 2])
+    assert g[:, 1].abs().sum() > 0 and g[:, 0].abs().sum() == 0
+    with pytest.raises(ValueError, match="token_weight"):
+        HolaConfig(token_weight=-1.0)
