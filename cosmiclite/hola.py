@@ -56,6 +56,7 @@ _CHOICES = {
     "empty_masks": ("skip", "keep"),
     "mask_resize": ("bilinear", "area"),
     "gradient": ("full", "local"),
+    "mask_peak": ("as_is", "one"),
 }
 
 
@@ -88,6 +89,10 @@ class HolaConfig:
                      paper and CosmicMan; 0 keeps only ‖m̄_i − h_i‖², so each word may look at part of its group's
                      region as long as the group's mean map covers it. With "pooled" a token map then counts
                      token_weight times a group-mean map in the mean. An experiment the paper does not make.
+    mask_peak:       "as_is" — the resized masks as they come; "one" — each mask h_i divided by its maximum over
+                     pixels. Resized to a coarse grid, a small part covers no cell fully (at 8x8 on the toy's 64 px
+                     most outfit parts peak at 0.3-0.6), while a max-normalised map always peaks at 1: "one" gives
+                     such maps a target of the same height. An experiment the paper does not make.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -104,6 +109,7 @@ class HolaConfig:
     gradient: Literal["full", "local"] = "full"
     t_range: tuple[int, int] | None = None
     token_weight: float = 1.0
+    mask_peak: Literal["as_is", "one"] = "as_is"
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -242,6 +248,14 @@ def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.T
         raise ValueError("masks is empty: HOLA needs masks {side: (B, G, side, side)}")
     src = masks[larger[0]].float()
     return F.interpolate(src, size=(res, res), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> torch.Tensor:
+    """The targets h_i at `res`: the masks there (`_masks_at`), each divided by its peak when cfg.mask_peak is "one"."""
+    h = _masks_at(masks, res, cfg.mask_resize)
+    if cfg.mask_peak == "one":
+        h = h / h.amax((-2, -1), keepdim=True).clamp_min(cfg.eps)
+    return h
 
 
 def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
@@ -470,7 +484,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     for res in sides:
         layers = _layers(maps[res], res)
         P = res * res
-        h = _masks_at(masks, res, cfg.mask_resize).to(device, dtype)
+        h = _targets(masks, res, cfg).to(device, dtype)
         if h.shape != (B, G, res, res):
             raise ValueError(f"masks[{res}] must be (B, G, {res}, {res}) = {(B, G, res, res)}, got {tuple(h.shape)}")
         h = h.reshape(B, G, P)
@@ -543,7 +557,7 @@ def _sample_maps(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tens
         layers = [x.mean(1, keepdim=True) for x in layers]
     A = torch.cat([x[0] for x in layers])                             # (LH, P, T)
     T, P, G = A.shape[-1], res * res, spans.shape[1]
-    h = _masks_at(masks, res, cfg.mask_resize)[sample].float().reshape(G, P)
+    h = _targets(masks, res, cfg)[sample].float().reshape(G, P)
     area = h.sum(-1)
     W = token_membership(spans[sample:sample + 1], T)[0]              # (G, T)
     valid = present[sample].bool() & W.any(-1)

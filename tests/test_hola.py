@@ -377,3 +377,18 @@ def test_token_weight_zero_keeps_the_group_mean_term_only_hand_worked():
     assert g[:, 1].abs().sum() > 0 and g[:, 0].abs().sum() == 0
     with pytest.raises(ValueError, match="token_weight"):
         HolaConfig(token_weight=-1.0)
+
+
+def test_mask_peak_one_rescales_each_target_to_peak_at_one():
+    """mask_peak="one": h_i / max_p h_i. Hand example with group 1's mask at 0.5 instead of 1: as_is the pooled
+    loss is (1/4 + 1/8 + 5/32 + ‖m3 − h1‖² + ‖m̄1 − h1‖²) / 5 with h1 = [0 0 .5 0], i.e. 2 · (0 + 0 + 0 + .25)/4;
+    with "one" h1 is the original [0 0 1 0] again and the loss the hand example's 5/32."""
+    maps, spans, masks, present = hand_example()
+    half = {2: masks[2] * torch.tensor([1.0, 0.5])[None, :, None, None]}
+    as_is = hola_loss(maps, spans, half, present, HolaConfig(resolutions="all")).item()
+    assert math.isclose(as_is, (1 / 4 + 1 / 8 + 5 / 32 + 2 * (0.25 / 4)) / 5, rel_tol=1e-6)
+    one = HolaConfig(resolutions="all", mask_peak="one")
+    assert math.isclose(hola_loss(maps, spans, half, present, one).item(), 5 / 32, rel_tol=1e-6)
+    empty = {2: masks[2] * torch.tensor([1.0, 0.0])[None, :, None, None]}   # an empty mask stays empty (skipped)
+    assert math.isclose(hola_loss(maps, spans, empty, present, one).item(),
+                        hola_loss(maps, spans, empty, present, HolaConfig(resolutions="all")).item(), rel_tol=1e-6)
