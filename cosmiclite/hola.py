@@ -93,6 +93,9 @@ class HolaConfig:
                      pixels. Resized to a coarse grid, a small part covers no cell fully (at 8x8 on the toy's 64 px
                      most outfit parts peak at 0.3-0.6), while a max-normalised map always peaks at 1: "one" gives
                      such maps a target of the same height. An experiment the paper does not make.
+    mask_dilate:     grow each target by this many cells of its map (0: the part as drawn). A word such as
+                     "heavy" or "long" changes the extent of its part, so its attention may need to reach beyond
+                     the part as drawn in the training image. An experiment the paper does not make.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -110,6 +113,7 @@ class HolaConfig:
     t_range: tuple[int, int] | None = None
     token_weight: float = 1.0
     mask_peak: Literal["as_is", "one"] = "as_is"
+    mask_dilate: int = 0
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -126,6 +130,8 @@ class HolaConfig:
             raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
+        if not (isinstance(self.mask_dilate, int) and self.mask_dilate >= 0):
+            raise ValueError(f"HolaConfig.mask_dilate={self.mask_dilate!r}: a whole number of cells >= 0")
         if self.token_weight < 0:
             raise ValueError(f"HolaConfig.token_weight={self.token_weight}: must be >= 0 (1 = Eq. 3 as written, "
                              "0 = the group-mean term only)")
@@ -251,8 +257,12 @@ def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.T
 
 
 def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> torch.Tensor:
-    """The targets h_i at `res`: the masks there (`_masks_at`), each divided by its peak when cfg.mask_peak is "one"."""
+    """The targets h_i at `res`: the masks there (`_masks_at`), grown by cfg.mask_dilate cells (a max over the
+    (2k+1) x (2k+1) neighbourhood), each divided by its peak when cfg.mask_peak is "one"."""
     h = _masks_at(masks, res, cfg.mask_resize)
+    if cfg.mask_dilate:
+        k = cfg.mask_dilate
+        h = F.max_pool2d(h.flatten(0, -3)[:, None].float(), 2 * k + 1, stride=1, padding=k)[:, 0].view(h.shape).to(h.dtype)
     if cfg.mask_peak == "one":
         h = h / h.amax((-2, -1), keepdim=True).clamp_min(cfg.eps)
     return h

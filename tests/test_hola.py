@@ -392,3 +392,25 @@ def test_mask_peak_one_rescales_each_target_to_peak_at_one():
     empty = {2: masks[2] * torch.tensor([1.0, 0.0])[None, :, None, None]}   # an empty mask stays empty (skipped)
     assert math.isclose(hola_loss(maps, spans, empty, present, one).item(),
                         hola_loss(maps, spans, empty, present, HolaConfig(resolutions="all")).item(), rel_tol=1e-6)
+
+
+def test_mask_dilate_grows_each_target_by_whole_cells():
+    """mask_dilate=k: h_i becomes its max over the (2k+1)^2 neighbourhood of each cell (the map's border clips it),
+    before mask_peak; hand example: group 1's one-cell mask [0 0 1 0] on the 2x2 grid grows to all four cells, so
+    ‖m3 − h1‖² (pixel mean) = (1 + 1 + .25 + .25)/4 and the pooled loss follows."""
+    from cosmiclite.hola import _targets
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 0, 0], m[0, 0, 3, 2] = 1.0, 0.5
+    grown = _targets({4: m}, 4, HolaConfig(mask_dilate=1))[0, 0]
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, .5, .5, .5], [0, .5, .5, .5]])
+    torch.testing.assert_close(grown, expected)
+    peaked = _targets({4: m}, 4, HolaConfig(mask_dilate=1, mask_peak="one"))[0, 0]
+    torch.testing.assert_close(peaked, expected)             # this mask already peaks at 1
+    maps, spans, masks, present = hand_example()
+    loss = hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all", mask_dilate=1)).item()
+    # group 0's mask [1 1 0 0] grows to all four cells too: ‖m1 − 1‖² = (0 + 1 + 1 + 1)/4, ‖m2 − 1‖² = (.25 + .25 + 1 + 1)/4,
+    # m̄0 = [.75 .25 0 0]: (1/16 + 9/16 + 1 + 1)/4; group 1: ‖m3 − 1‖² = m̄1's = (1 + 1 + .25 + .25)/4
+    terms = [3 / 4, 2.5 / 4, (10 / 16 + 2) / 4, 2.5 / 4, 2.5 / 4]
+    assert math.isclose(loss, sum(terms) / 5, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="mask_dilate"):
+        HolaConfig(mask_dilate=-1)
