@@ -52,7 +52,8 @@ def run(name: str, hola: dict, cfg: DemoConfig, people, judge, out: Path, thread
     m = measure(pipe, judge, people, cfg)
     a = m["alignment"]
     return {"name": name, "hola": c["hola"], "lora": c["lora"], "optim": c["optim"], "steps": cfg.steps,
-            "mean_mass": a["mean_mass"], "mean_lift": a["mean_lift"], "lift": {g: round(v["lift"], 3) for g, v in a["by_group"].items()},
+            "mean_mass": a["mean_mass"], "mean_lift": a["mean_lift"],
+            "lift": {g: round(v["lift"], 3) for g, v in a["by_group"].items()},
             "acc": {k: m["accuracy"][k] for k in KEYS}, "per_image": m["accuracy"]["per_image"],
             "train_seconds": round(t1 - t0), "measure_seconds": round(time.time() - t1)}
 

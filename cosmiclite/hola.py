@@ -260,9 +260,8 @@ def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> 
     """The targets h_i at `res`: the masks there (`_masks_at`), grown by cfg.mask_dilate cells (a max over the
     (2k+1) x (2k+1) neighbourhood), each divided by its peak when cfg.mask_peak is "one"."""
     h = _masks_at(masks, res, cfg.mask_resize)
-    if cfg.mask_dilate:
-        k = cfg.mask_dilate
-        h = F.max_pool2d(h.flatten(0, -3)[:, None].float(), 2 * k + 1, stride=1, padding=k)[:, 0].view(h.shape).to(h.dtype)
+    if cfg.mask_dilate:                                     # (B, G, res, res): the groups as channels
+        h = F.max_pool2d(h, 2 * cfg.mask_dilate + 1, stride=1, padding=cfg.mask_dilate)
     if cfg.mask_peak == "one":
         h = h / h.amax((-2, -1), keepdim=True).clamp_min(cfg.eps)
     return h

@@ -408,8 +408,9 @@ def test_mask_dilate_grows_each_target_by_whole_cells():
     torch.testing.assert_close(peaked, expected)             # this mask already peaks at 1
     maps, spans, masks, present = hand_example()
     loss = hola_loss(maps, spans, masks, present, HolaConfig(resolutions="all", mask_dilate=1)).item()
-    # group 0's mask [1 1 0 0] grows to all four cells too: ‖m1 − 1‖² = (0 + 1 + 1 + 1)/4, ‖m2 − 1‖² = (.25 + .25 + 1 + 1)/4,
-    # m̄0 = [.75 .25 0 0]: (1/16 + 9/16 + 1 + 1)/4; group 1: ‖m3 − 1‖² = m̄1's = (1 + 1 + .25 + .25)/4
+    # group 0's mask [1 1 0 0] grows to all four cells too: ‖m1 − 1‖² = (0 + 1 + 1 + 1)/4,
+    # ‖m2 − 1‖² = (.25 + .25 + 1 + 1)/4, m̄0 = [.75 .25 0 0]: (1/16 + 9/16 + 1 + 1)/4;
+    # group 1: ‖m3 − 1‖² = m̄1's = (1 + 1 + .25 + .25)/4
     terms = [3 / 4, 2.5 / 4, (10 / 16 + 2) / 4, 2.5 / 4, 2.5 / 4]
     assert math.isclose(loss, sum(terms) / 5, rel_tol=1e-6)
     with pytest.raises(ValueError, match="mask_dilate"):
