@@ -96,6 +96,9 @@ class HolaConfig:
     mask_dilate:     grow each target by this many cells of its map (0: the part as drawn). A word such as
                      "heavy" or "long" changes the extent of its part, so its attention may need to reach beyond
                      the part as drawn in the training image. An experiment the paper does not make.
+    skip_groups:     mask groups left out of L_HOLA by name (e.g. ["body"]: h_1, the whole person), in the kit's
+                     mask-group order (`cosmiclite.masks.group_labels`, body first). An experiment the paper does
+                     not make.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -114,6 +117,7 @@ class HolaConfig:
     token_weight: float = 1.0
     mask_peak: Literal["as_is", "one"] = "as_is"
     mask_dilate: int = 0
+    skip_groups: tuple[str, ...] = ()
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -130,6 +134,9 @@ class HolaConfig:
             raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
+        if isinstance(self.skip_groups, (list, str)):
+            object.__setattr__(self, "skip_groups", tuple([self.skip_groups] if isinstance(self.skip_groups, str)
+                                                          else self.skip_groups))
         if not (isinstance(self.mask_dilate, int) and self.mask_dilate >= 0):
             raise ValueError(f"HolaConfig.mask_dilate={self.mask_dilate!r}: a whole number of cells >= 0")
         if self.token_weight < 0:
@@ -150,13 +157,14 @@ class HolaConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"hola: unknown key(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        if isinstance(d.get("resolutions"), list):
-            d["resolutions"] = tuple(d["resolutions"])
+        for k in ("resolutions", "skip_groups"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
         return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("resolutions", "t_range"):
+        for k in ("resolutions", "t_range", "skip_groups"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
@@ -265,6 +273,20 @@ def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> 
     if cfg.mask_peak == "one":
         h = h / h.amax((-2, -1), keepdim=True).clamp_min(cfg.eps)
     return h
+
+
+def _skipped(cfg: "HolaConfig", G: int, device) -> torch.Tensor:
+    """(G,) bool: the mask groups cfg.skip_groups leaves out, by their place in the kit's mask-group order."""
+    out = torch.zeros(G, dtype=torch.bool, device=device)
+    if cfg.skip_groups:
+        from .masks import group_labels
+        names = list(group_labels())
+        unknown = [g for g in cfg.skip_groups if g not in names]
+        if unknown or len(names) != G:
+            raise ValueError(f"HolaConfig.skip_groups={list(cfg.skip_groups)}: names must be mask groups of the "
+                             f"kit ({names}) and the masks hold all {len(names)} of them (got {G})")
+        out[[names.index(g) for g in cfg.skip_groups]] = True
+    return out
 
 
 def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
@@ -484,6 +506,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     W = W[..., :Tc]
     if keep is not None:
         ok = ok & keep.to(device).bool()[:, None]
+    ok = ok & ~_skipped(cfg, G, device)
 
     per_sample_sum = torch.zeros(B, dtype=dtype, device=device)        # Σ over (layer, head) entries
     per_sample_cnt = torch.zeros(B, dtype=dtype, device=device)
@@ -569,7 +592,7 @@ def _sample_maps(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tens
     h = _targets(masks, res, cfg)[sample].float().reshape(G, P)
     area = h.sum(-1)
     W = token_membership(spans[sample:sample + 1], T)[0]              # (G, T)
-    valid = present[sample].bool() & W.any(-1)
+    valid = present[sample].bool() & W.any(-1) & ~_skipped(cfg, G, W.device)
     if cfg.empty_masks == "skip":
         valid = valid & (area > cfg.eps)
     S = (W & valid[:, None]).float()

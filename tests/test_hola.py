@@ -415,3 +415,24 @@ def test_mask_dilate_grows_each_target_by_whole_cells():
     assert math.isclose(loss, sum(terms) / 5, rel_tol=1e-6)
     with pytest.raises(ValueError, match="mask_dilate"):
         HolaConfig(mask_dilate=-1)
+
+
+def test_skip_groups_leaves_a_named_group_out_as_if_it_were_absent():
+    from cosmiclite.data import ToyWorldDataset, collate
+    from cosmiclite.masks import group_labels
+    b = collate([ToyWorldDataset(3, size=64, seed=7, mask_sizes=(8,))[i] for i in range(3)])
+    g = torch.Generator().manual_seed(0)
+    maps = {8: torch.randn(3, 2, 64, 77, generator=g).softmax(-1)}
+    names = list(group_labels())
+    assert names[0] == "body" and b["spans"].shape[1] == len(names)
+    cfg = HolaConfig(resolutions=(8,), normalize="max")
+    skipped = HolaConfig.from_dict({**cfg.to_dict(), "skip_groups": ["body"]})
+    absent = b["present"].clone()
+    absent[:, 0] = False
+    got = hola_terms(maps, b["spans"], b["masks"], b["present"], skipped)
+    want = hola_terms(maps, b["spans"], b["masks"], absent, cfg)
+    assert got.loss.item() == want.loss.item() and got.n_groups == want.n_groups
+    assert got.loss.item() != hola_terms(maps, b["spans"], b["masks"], b["present"], cfg).loss.item()
+    assert skipped.to_dict()["skip_groups"] == ["body"]
+    with pytest.raises(ValueError, match="skip_groups"):
+        hola_loss(maps, b["spans"], b["masks"], b["present"], HolaConfig(resolutions=(8,), skip_groups=("torso",)))
