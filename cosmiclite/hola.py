@@ -157,10 +157,7 @@ class HolaConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"hola: unknown key(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        for k in ("resolutions", "skip_groups"):
-            if isinstance(d.get(k), list):
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**d)   # lists (from YAML or JSON) become tuples in __post_init__
 
     def to_dict(self) -> dict:
         d = asdict(self)
