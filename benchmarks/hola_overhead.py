@@ -138,8 +138,7 @@ class Setup:
         return logs
 
     def capture(self):
-        return capture_cross_attention(self.unet, "training", resolutions=self.sides,
-                                       head_mean=self.hola.heads == "mean", local=self.hola.gradient == "local")
+        return capture_cross_attention(self.unet, "training", resolutions=self.sides, **self.hola.capture_options())
 
 
 def saved_tensor_bytes(setup: Setup, hola: bool) -> int:

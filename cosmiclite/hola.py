@@ -38,6 +38,7 @@ belongs to at most one group) — the discretizer guarantees that, and this modu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -137,6 +138,10 @@ class HolaConfig:
         if isinstance(self.skip_groups, (list, str)):
             object.__setattr__(self, "skip_groups", tuple([self.skip_groups] if isinstance(self.skip_groups, str)
                                                           else self.skip_groups))
+        unknown = [g for g in self.skip_groups if g not in _mask_group_names()]
+        if unknown:
+            raise ValueError(f"HolaConfig.skip_groups: {unknown} are not mask groups of the kit; choose from "
+                             f"{list(_mask_group_names())}")
         if not (isinstance(self.mask_dilate, int) and self.mask_dilate >= 0):
             raise ValueError(f"HolaConfig.mask_dilate={self.mask_dilate!r}: a whole number of cells >= 0")
         if self.token_weight < 0:
@@ -165,6 +170,10 @@ class HolaConfig:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
+
+    def capture_options(self) -> dict:
+        """The `attention.capture_cross_attention(unet, "training", ...)` options these choices need."""
+        return {"head_mean": self.heads == "mean", "local": self.gradient == "local"}
 
     def sides(self, available: Sequence[int], image_size: int | None = None) -> list[int]:
         """The map sides that enter the loss, checked against the captured ones."""
@@ -272,16 +281,21 @@ def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> 
     return h
 
 
+@lru_cache(maxsize=None)
+def _mask_group_names() -> tuple[str, ...]:
+    """The kit's mask groups in the order of every mask set (`cosmiclite.masks.group_labels`, body first)."""
+    from .masks import group_labels
+    return tuple(group_labels())
+
+
 def _skipped(cfg: "HolaConfig", G: int, device) -> torch.Tensor:
     """(G,) bool: the mask groups cfg.skip_groups leaves out, by their place in the kit's mask-group order."""
     out = torch.zeros(G, dtype=torch.bool, device=device)
     if cfg.skip_groups:
-        from .masks import group_labels
-        names = list(group_labels())
-        unknown = [g for g in cfg.skip_groups if g not in names]
-        if unknown or len(names) != G:
-            raise ValueError(f"HolaConfig.skip_groups={list(cfg.skip_groups)}: names must be mask groups of the "
-                             f"kit ({names}) and the masks hold all {len(names)} of them (got {G})")
+        names = _mask_group_names()
+        if len(names) != G:
+            raise ValueError(f"HolaConfig.skip_groups={list(cfg.skip_groups)} names the kit's mask groups, but these "
+                             f"masks hold {G} groups, not its {len(names)}")
         out[[names.index(g) for g in cfg.skip_groups]] = True
     return out
 

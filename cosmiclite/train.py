@@ -592,8 +592,7 @@ class Trainer:
             from .attention import capture_cross_attention
             res = cfg.hola.sides(self._captured_sides(), self.image_size)
             self._capture = capture_cross_attention(self.acc.unwrap_model(self.model), "training", resolutions=res,
-                                                    head_mean=cfg.hola.heads == "mean",
-                                                    local=cfg.hola.gradient == "local")
+                                                    **cfg.hola.capture_options())
             self.store = self._capture.__enter__()
         self.step = 0
 
