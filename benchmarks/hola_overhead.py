@@ -125,8 +125,8 @@ class Setup:
         noise_loss = F.mse_loss(pred.float(), self.noise)
         if store is None:
             return noise_loss, {"noise_loss": noise_loss.item()}
-        terms = hola_terms(store.maps(), self.spans, self.masks, self.present, self.hola, image_size=self.image_px,
-                           keep=self.keep)
+        terms = hola_terms(store.token_major_maps(), self.spans, self.masks, self.present, self.hola,
+                           image_size=self.image_px, keep=self.keep, token_major=True)
         loss = self.hola.alpha * noise_loss + self.hola.beta * terms.loss
         return loss, {"noise_loss": noise_loss.item(), "hola_loss": terms.loss.item()}
 

@@ -16,7 +16,9 @@ leaving the `capture_cross_attention` context puts the original processors back.
 
 Two stores:
     mode="training"  keeps every recorded M in the autograd graph (per head, or the head mean), for HOLA (Eq. 3).
-                     `store.maps()` -> {res: [ (B, H, res*res, 77) per layer ]} for the latest UNet forward.
+                     `store.maps()` -> {res: [ (B, H, res*res, 77) per layer ]} for the latest UNet forward;
+                     `store.token_major_maps()` the same as M^T, (B, H, 77, res*res), the tensors a loss should
+                     read in training (`hola_terms(..., token_major=True)`).
     mode="inference" no grad; reduces as it goes: the head mean is added into one running sum per resolution
                      (mean over heads, layers and steps), or one per step when `per_step=True`, so memory is
                      O(res^2 x 77) after any number of steps (O(res^2 x groups) with `spans` and
@@ -148,8 +150,9 @@ class _Store:
                              f"layers ran at {sorted(self.seen) or 'no resolution (was the UNet called?)'}; "
                              f"pass resolutions from those")
 
-    def record(self, name: str, probs: torch.Tensor, hw: tuple[int, int]) -> None:
-        """Receive one layer's M, (b, heads, h*w, 77) on a (h, w) grid (the cond half only, under CFG)."""
+    def record(self, name: str, probs_t: torch.Tensor, hw: tuple[int, int]) -> None:
+        """Receive one layer's M as computed, token-major: M^T (b, heads, 77, h*w) on a (h, w) grid (the cond
+        half only, under CFG)."""
         raise NotImplementedError
 
 
@@ -172,8 +175,8 @@ class TrainingStore(_Store):
         super().begin_forward(sample, timestep)
         self._maps, self.layers = {}, {}  # a new forward: the previous one's maps are no longer wanted
 
-    def record(self, name, probs, hw) -> None:
-        m = probs
+    def record(self, name, probs_t, hw) -> None:
+        m = probs_t
         if self.head_mean:
             m = m.mean(1, keepdim=True)
         self._maps.setdefault(hw[0], []).append(m)
@@ -181,7 +184,14 @@ class TrainingStore(_Store):
         self.grids[hw[0]] = hw
 
     def maps(self) -> dict[int, list[torch.Tensor]]:
-        """{res: [M of each recorded layer, (B, H, h*w, 77)]} from the latest UNet forward, differentiable."""
+        """{res: [M of each recorded layer, (B, H, h*w, 77)]} from the latest UNet forward, differentiable
+        (transposed views of `token_major_maps()`)."""
+        return {r: [m.transpose(-1, -2) for m in ms] for r, ms in self.token_major_maps().items()}
+
+    def token_major_maps(self) -> dict[int, list[torch.Tensor]]:
+        """{res: [M^T of each recorded layer, (B, H, 77, h*w)]}: the tensors the attention computed, which a loss
+        should read directly (`hola_terms(..., token_major=True)`): a gradient that reaches them through no
+        view node is one autograd can add to the attention's own in place."""
         self.check_recorded(self._maps)
         return dict(self._maps)
 
@@ -189,8 +199,8 @@ class TrainingStore(_Store):
         """{res: (B, 77, h, w)}: mean over the layers and heads at each resolution, as images (differentiable)."""
         out = {}
         for r, ms in self._maps.items():
-            m = torch.stack([x.mean(1) for x in ms]).mean(0)  # (B, N, 77)
-            out[r] = m.transpose(1, 2).unflatten(-1, self.grids[r])
+            m = torch.stack([x.mean(1) for x in ms]).mean(0)  # (B, 77, N)
+            out[r] = m.unflatten(-1, self.grids[r])
         return out
 
 
@@ -213,8 +223,8 @@ class InferenceStore(_Store):
         self.grids: dict[int, tuple[int, int]] = {}
 
     @torch.no_grad()
-    def record(self, name, probs, hw) -> None:
-        m = probs.detach().float().mean(1)  # (b, N, 77): the mean over heads
+    def record(self, name, probs_t, hw) -> None:
+        m = probs_t.detach().float().mean(1).transpose(-1, -2)  # (b, N, 77): the mean over heads
         slots = self._acc.setdefault(hw[0], [])
         self.grids[hw[0]] = hw
         i = self.step if self.per_step else 0
@@ -339,7 +349,7 @@ class CrossAttentionCapture:
             Q, K = Q.float(), K.float()
         # Computed token-major, S^T = K Q^T (b, heads, 77, N): each token's map m_j is then a contiguous row, which
         # is what the loss reads (HOLA's sums and maxima over pixels run ~3-8x faster along rows than down columns
-        # on CPU). The same cost as Q K^T here; the store gets M as the (b, heads, N, 77) view it documents.
+        # on CPU). The same cost as Q K^T here; the store gets M^T as computed (its maps() are transposed views).
         Ks = K * attn.scale
         St = Ks @ Q.transpose(-1, -2)                                  # (Q K^T / sqrt(d))^T: (b, heads, 77, N)
         if mask is not None:
@@ -351,7 +361,7 @@ class CrossAttentionCapture:
         if self.store.local:   # the loss on M reaches this layer's W_q, W_k, not the features below
             Ql = attn.to_q(hidden_states[c0:].detach()).unflatten(-1, (heads, -1)).transpose(1, 2)
             rec = LocalMaps.apply(Mt.detach(), Ql.to(K.dtype), Ks)
-        self.store.record(self.name, rec.transpose(-1, -2), hw)
+        self.store.record(self.name, rec, hw)
         outs.append((V.transpose(-1, -2) @ Mt).transpose(-1, -2))      # M V, as (V^T M^T)^T: M's gradient token-major
 
         out = (torch.cat(outs) if c0 else outs[0]).transpose(1, 2).flatten(2)  # (B, N, heads * d)

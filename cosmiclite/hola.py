@@ -238,8 +238,9 @@ def token_membership(spans: torch.Tensor, num_tokens: int = 77) -> torch.Tensor:
     return (s >= 0) & (j >= s) & (j < e)
 
 
-def _layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int) -> list[torch.Tensor]:
-    """Captured maps at one resolution -> a list of (B, heads, P, T) tensors, one per layer (views, no copies)."""
+def _layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int, token_major: bool = False) -> list[torch.Tensor]:
+    """Captured maps at one resolution -> a list of (B, heads, P, T) tensors, one per layer (views, no copies);
+    (B, heads, T, P) with token_major."""
     if isinstance(m, (list, tuple)):
         if not m:
             raise ValueError(f"maps[{res}] is an empty list: no layer was captured at that resolution")
@@ -253,9 +254,10 @@ def _layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int) -> list[torch.
     else:
         layers = [m]
     for x in layers:
-        if x.ndim != 4 or x.shape[2] != res * res:
-            raise ValueError(f"maps[{res}] must be (B, heads, {res}*{res}, T), a list of those, or stacked "
-                             f"(L, B, heads, {res * res}, T); got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[3 if token_major else 2] != res * res:
+            shape = f"(B, heads, T, {res}*{res})" if token_major else f"(B, heads, {res}*{res}, T)"
+            raise ValueError(f"maps[{res}] must be {shape}, a list of those, or a stack of them (L, ...); "
+                             f"got {tuple(x.shape)}")
     return layers
 
 
@@ -301,12 +303,14 @@ def _skipped(cfg: "HolaConfig", G: int, device) -> torch.Tensor:
 
 
 def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, heads, P, T') maps -> (B, heads, T, P): the first T token maps as rows, contiguous along the pixels.
+    """(B, heads, T', P) token-major maps -> (B, heads, T, P): the first T token maps as rows, contiguous along
+    the pixels.
 
-    A view when the maps are stored token-major (as `cosmiclite.attention` captures them); otherwise one copy, since
-    sums and maxima over pixels run several times faster along rows than down the columns of a (P, T) layout.
+    A view when the maps are stored token-major in memory (as `cosmiclite.attention` captures them); otherwise one
+    copy, since sums and maxima over pixels run several times faster along rows than down the columns of a (P, T)
+    layout.
     """
-    At = m[..., :T].transpose(2, 3).to(dtype)
+    At = m[:, :, :T].to(dtype)
     return At if At.stride(-1) == 1 else At.contiguous()
 
 
@@ -339,12 +343,13 @@ class Eq3Bracket(torch.autograd.Function):
     inputs (`Eq3Bracket.apply(h, S, n, normalize, area, eps, *maps)`, or `eq3_bracket(maps, h, S, n, ...)`):
     h (B, G, P) the masks h_i; S (B, G, T) with S[b,i,j] = 1 when token j is in group i (each token in at most one
     group); n (B, G) = e_i − s_i (tokens per group); normalize, area (B, G) = Σ_p h_i (for "sum") and eps as in
-    `normalize_maps`; maps: one or more layers (B, heads_l, P, T_l ≥ T), the maps m_j as columns, of which the
-    first T are read (the tokens any group has). Each map is read as a row of pixels: `cosmiclite.attention` stores
-    M token-major (M^T contiguous), so the (P, T) tensors it hands over are transposed views and every sum or max
-    over pixels runs along contiguous memory (maps in the plain (P, T) layout are copied token-major once). The
-    backward writes each layer's gradient once, token-major at its full width (zero past column T): the layout the
-    attention's softmax backward reads. On the toy preset's training step (2-core CPU) the token-major layout, the
+    `normalize_maps`; maps: one or more layers given token-major, M^T (B, heads_l, T_l ≥ T, P), the maps m_j as
+    rows, of which the first T are read (the tokens any group has). `cosmiclite.attention` computes M^T contiguous,
+    so every sum or max over pixels runs along contiguous memory (maps in another memory layout are copied once).
+    The backward writes each layer's gradient once, a new tensor in that same layout at full width (zero past row
+    T): what the attention's softmax backward reads, and — since this node is created after the attention's M V —
+    the first gradient to reach M, so autograd adds the M V one into it in place instead of summing the two into a
+    third tensor (`eq3_bracket(..., token_major=True)`; ~1 ms a layer at 16×16 on the toy UNet, 2-core CPU). On the toy preset's training step (2-core CPU) the token-major layout, the
     row maxima of `_row_max` and the token-major gradient took the loss's forward + backward from 25.5 to ~19 ms
     (benchmarks/hola_overhead.py, README).
 
@@ -370,7 +375,7 @@ class Eq3Bracket(torch.autograd.Function):
     def forward(ctx, h, S, n, normalize, area, eps, *maps):
         B, G, T = S.shape
         if not maps:
-            raise ValueError("Eq3Bracket needs at least one layer of maps (B, heads, P, T)")
+            raise ValueError("Eq3Bracket needs at least one layer of maps (B, heads, T, P)")
         n1 = n.clamp_min(1)
         Sn = (S / n1[..., None]).unsqueeze(1)                                                   # (B,1,G,T)
         if normalize == "sum":
@@ -427,7 +432,7 @@ class Eq3Bracket(torch.autograd.Function):
         for m in maps:   # layer by layer, each gradient written once into its full-width, token-major tensor
             k = slice(at, at + m.shape[1])
             at = k.stop
-            hk, Tm, P = m.shape[1], m.shape[3], m.shape[2]
+            hk, Tm, P = m.shape[1], m.shape[2], m.shape[3]
             Z = (2 * g_grp[:, k] / n1[:, None])[..., None] * d[:, k] - (2 * g_tok[:, k])[..., None] * h1
             At = _token_rows(m, T, h.dtype)
             if r is None:                                 # g_j = Z_i + 2 g_tok · m_j: Z_i by one row gather
@@ -449,15 +454,18 @@ class Eq3Bracket(torch.autograd.Function):
                     g.scatter_add_(-1, top[:, k, :, None], (-(rk * rk) * through_r * live[:, k])[..., None])
                 else:                                     # ∂r_j/∂m_j = −r_j / Σ_p m_j
                     g.sub_((rk / mass[:, k].clamp_min(1e-30) * through_r * live[:, k])[..., None])
-            out.append(full.to(m.dtype).transpose(2, 3))  # (B, heads, P, T'), token-major in memory
+            out.append(full.to(m.dtype))                  # (B, heads, T', P), M^T's layout
         return none + tuple(out)
 
 
 def eq3_bracket(maps: "torch.Tensor | Sequence[torch.Tensor]", h: torch.Tensor, S: torch.Tensor, n: torch.Tensor,
-                normalize: str = "none", area: torch.Tensor | None = None, eps: float = 1e-6):
-    """`Eq3Bracket` on one layer of maps (B, heads, P, T') or a list of layers: (tok, grp), each (B, Σ heads, G)."""
+                normalize: str = "none", area: torch.Tensor | None = None, eps: float = 1e-6,
+                token_major: bool = False):
+    """`Eq3Bracket` on one layer of maps (B, heads, P, T') or a list of layers: (tok, grp), each (B, Σ heads, G).
+    token_major: the maps are given as M^T, (B, heads, T', P)."""
     layers = [maps] if isinstance(maps, torch.Tensor) else list(maps)
-    return Eq3Bracket.apply(h, S, n, normalize, area, eps, *layers)
+    return Eq3Bracket.apply(h, S, n, normalize, area, eps,
+                            *(x if token_major else x.transpose(-1, -2) for x in layers))
 
 
 def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, area: torch.Tensor | None = None,
@@ -485,11 +493,12 @@ def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, ar
 
 def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
                config: HolaConfig | None = None, *, image_size: int | None = None,
-               keep: torch.Tensor | None = None) -> HolaTerms:
+               keep: torch.Tensor | None = None, token_major: bool = False) -> HolaTerms:
     """Eq. 3 over a batch, vectorised, computed in float32 (float64 if the maps are float64).
 
     maps:    {side: (B, heads, side*side, T)} softmax cross-attention maps, or a list of them per layer,
-             or stacked (L, B, heads, side*side, T).
+             or stacked (L, B, heads, side*side, T); with token_major, M^T: (B, heads, T, side*side) and so on,
+             as `TrainingStore.token_major_maps()` hands them (training's path: see `Eq3Bracket` for why).
     spans:   (B, G, 2) token spans [s_i, e_i) of the G mask groups (−1 where a group is absent).
     masks:   {side: (B, G, side, side)} semantic masks h_i in [0, 1].
     present: (B, G) bool, group i is visible in the image.
@@ -503,8 +512,8 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         raise ValueError(f"present must be (B, G) = {(B, G)} like spans, got {tuple(present.shape)}")
     sides = cfg.sides(list(maps), image_size)
 
-    first = _layers(maps[sides[0]], sides[0])[0]
-    T, device = first.shape[-1], first.device
+    first = _layers(maps[sides[0]], sides[0], token_major)[0]
+    T, device = first.shape[2 if token_major else 3], first.device
     dtype = torch.promote_types(first.dtype, torch.float32)   # fp16/bf16 maps: the loss in fp32
     W = token_membership(spans.to(device), T)                          # (B,G,T)
     if (W.sum(1) > 1).any():
@@ -525,7 +534,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     tok_cnt = grp_cnt = 0.0
     n_groups = 0
     for res in sides:
-        layers = _layers(maps[res], res)
+        layers = _layers(maps[res], res, token_major)
         P = res * res
         h = _targets(masks, res, cfg).to(device, dtype)
         if h.shape != (B, G, res, res):
@@ -540,12 +549,13 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         n_groups += int(valid.sum())
         vmask = valid.to(dtype)[:, None]                               # (B,1,G)
         if cfg.heads == "mean":
-            layers = [x[..., :Tc].mean(1, keepdim=True) for x in layers]
+            layers = [(x[:, :, :Tc] if token_major else x[..., :Tc]).mean(1, keepdim=True) for x in layers]
         # Eq. 3's bracket per (sample, layer-head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, with
         # each m_j first rescaled as cfg.normalize says (per layer, head, token; folded into Eq3Bracket, the
         # same scale as `normalize_maps`). Every layer of this resolution in one call, their heads side by side
         # (each (sample, layer, head) entry is reduced alike); only the first Tc token columns are read.
-        e_tok, e_grp = eq3_bracket(layers, h, S, n, cfg.normalize, area, cfg.eps)   # (B,H,G) each, H = Σ heads
+        e_tok, e_grp = eq3_bracket(layers, h, S, n, cfg.normalize, area, cfg.eps,   # (B,H,G) each, H = Σ heads
+                                   token_major)
         H = e_tok.shape[1]
         if cfg.pixel_reduction == "mean":                              # ‖·‖² averaged over pixels (an MSE)
             e_tok, e_grp = e_tok / P, e_grp / P
@@ -578,9 +588,10 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
 
 def hola_loss(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
               config: HolaConfig | None = None, *, image_size: int | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None, token_major: bool = False) -> torch.Tensor:
     """L_HOLA (Eq. 3) as a scalar; see `hola_terms` for the arguments."""
-    return hola_terms(maps, spans, masks, present, config, image_size=image_size, keep=keep).loss
+    return hola_terms(maps, spans, masks, present, config, image_size=image_size, keep=keep,
+                      token_major=token_major).loss
 
 
 def daring_loss(noise_loss: torch.Tensor, hola: torch.Tensor, config: HolaConfig) -> torch.Tensor:

@@ -816,8 +816,9 @@ class Trainer:
         if self.store is not None:
             keep = per_sample_rand(cfg.seed, pos, _DROP) >= cfg.hola.drop_prob    # CosmicMan drops 10 %
             keep = keep.to(dev) & cfg.hola.in_t_range(t)
-            terms = hola_terms(self.store.maps(), batch["spans"], {k: v.to(dev) for k, v in batch["masks"].items()},
-                               batch["present"], cfg.hola, image_size=self.image_size, keep=keep)
+            terms = hola_terms(self.store.token_major_maps(), batch["spans"],
+                               {k: v.to(dev) for k, v in batch["masks"].items()}, batch["present"], cfg.hola,
+                               image_size=self.image_size, keep=keep, token_major=True)
             hola = terms.loss * self._hola_dp_weight(terms.n_samples) if self.world > 1 else terms.loss
             loss = loss + cfg.hola.beta * hola
             out["hola_loss"] = hola

@@ -284,6 +284,41 @@ def test_captured_maps_are_stored_token_major():
             assert torch.allclose(m.sum(-1), torch.ones(()))
 
 
+def test_token_major_maps_give_the_same_loss_and_gradients():
+    """Training reads `store.token_major_maps()` (M^T as the attention computed it, so HOLA's gradient reaches the
+    softmax with no transpose node between and autograd adds the M V gradient into it in place): the loss and every
+    weight's gradient are those of the documented (B, heads, P, 77) path."""
+    from cosmiclite.attention import capture_cross_attention
+    from cosmiclite.models import build_unet
+    unet = build_unet("toy", 0)
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    spans = torch.tensor([[[1, 4], [4, 9], [-1, -1]], [[2, 3], [3, 8], [8, 10]]])
+    masks = {16: (torch.rand(2, 3, 16, 16, generator=g) > 0.5).float()}
+    present = torch.ones(2, 3, dtype=torch.bool)
+    cfg = HolaConfig(resolutions=(16,), normalize="max")
+    out = []
+    for token_major in (False, True):
+        unet.zero_grad()
+        with capture_cross_attention(unet, "training", resolutions=(16,)) as store:
+            loss = unet(x, 10, c).sample.square().mean()
+            if token_major:
+                tm, views = store.token_major_maps(), store.maps()
+                assert all(v.shape == t.transpose(-1, -2).shape and v.data_ptr() == t.data_ptr()
+                           for r in tm for t, v in zip(tm[r], views[r]))
+                maps = tm
+            else:
+                maps = store.maps()
+            hola = hola_terms(maps, spans, masks, present, cfg, token_major=token_major).loss
+            (loss + hola).backward()
+        out.append((hola.detach(), [p.grad.clone() for p in unet.parameters() if p.grad is not None]))
+    (h0, g0), (h1, g1) = out
+    torch.testing.assert_close(h1, h0, rtol=1e-6, atol=0)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_saves_no_full_size_tensor_for_backward():
     """Memory: besides the maps themselves (already kept by the attention's softmax), HOLA keeps only small
     per-group tensors for backward — no (maps − masks) difference, no stacked copy of the layers."""
