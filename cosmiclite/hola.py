@@ -349,9 +349,9 @@ class Eq3Bracket(torch.autograd.Function):
     The backward writes each layer's gradient once, a new tensor in that same layout at full width (zero past row
     T): what the attention's softmax backward reads, and — since this node is created after the attention's M V —
     the first gradient to reach M, so autograd adds the M V one into it in place instead of summing the two into a
-    third tensor (`eq3_bracket(..., token_major=True)`; ~1 ms a layer at 16×16 on the toy UNet, 2-core CPU). On the toy preset's training step (2-core CPU) the token-major layout, the
-    row maxima of `_row_max` and the token-major gradient took the loss's forward + backward from 25.5 to ~19 ms
-    (benchmarks/hola_overhead.py, README).
+    third tensor (`eq3_bracket(..., token_major=True)`; ~0.5 ms a layer at 16×16 on the toy UNet, 2-core CPU).
+    On the toy preset's training step (2-core CPU) the token-major layout, the row maxima of `_row_max` and the
+    token-major gradient took the loss's forward + backward from 25.5 to ~19 ms (benchmarks/hola_overhead.py, README).
 
     Why not plain autograd: (A − h)² and its mean make a full-size temporary each and autograd keeps one more for
     backward; on the toy UNet (8 heads × 77 tokens per cell against 32–128 feature channels) that made the loss
