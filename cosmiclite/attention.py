@@ -224,7 +224,7 @@ class InferenceStore(_Store):
 
     @torch.no_grad()
     def record(self, name, probs_t, hw) -> None:
-        m = probs_t.detach().float().mean(1).transpose(-1, -2)  # (b, N, 77): the mean over heads
+        m = probs_t.detach().float().mean(1)  # (b, 77, N): the mean over heads, token-major as computed
         slots = self._acc.setdefault(hw[0], [])
         self.grids[hw[0]] = hw
         i = self.step if self.per_step else 0
@@ -235,15 +235,15 @@ class InferenceStore(_Store):
             slot[0] = m if slot[0] is None else slot[0].add_(m)
         else:
             if self._A is None or self._A.device != m.device:
-                self._A = group_matrix(self.spans, m.shape[-1], device=m.device)
-            g = m @ self._A
+                self._A = group_matrix(self.spans, m.shape[1], device=m.device)
+            g = self._A.T @ m                  # (b, G, N)
             slot[1] = g if slot[1] is None else slot[1].add_(g)
         slot[2] += 1
 
     def _stack(self, res: int, k: int) -> torch.Tensor:
         slots = [s for s in self._acc[res] if s[2]]
-        x = torch.stack([s[k] / s[2] for s in slots])  # (T, b, N, C)
-        return x.transpose(-1, -2).unflatten(-1, self.grids[res])  # (T, b, C, h, w)
+        x = torch.stack([s[k] / s[2] for s in slots])  # (T, b, C, N)
+        return x.unflatten(-1, self.grids[res])  # (T, b, C, h, w)
 
     def token_maps(self) -> dict[int, torch.Tensor]:
         """{res: (T, b, 77, h, w)}, T = steps if per_step else 1: mean over heads, layers (and steps)."""
