@@ -52,6 +52,7 @@ from cosmiclite.attention import capture_cross_attention
 from cosmiclite.data import ToyWorldDataset, collate
 from cosmiclite.hola import HolaConfig, hola_terms
 from cosmiclite.models import architecture, build_text_encoder, build_unet, build_vae
+from cosmiclite.train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -252,6 +253,7 @@ def main(argv=None):
         hardware = torch.cuda.get_device_name(device)
     else:
         torch.set_num_threads(args.threads)
+        kept = keep_freed_memory()   # as cosmiclite.train's Trainer does on CPU
         name = f"cpu-{os.cpu_count()}core"
         hardware = f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     arch = args.arch or ("sd15" if cuda else "toy")
@@ -272,6 +274,7 @@ def main(argv=None):
 
     a = Setup(arch, image_px, batch, device, lora_rank, hola, bf16, checkpointing)
     out: dict = {"arch": arch, "image_px": image_px, "latent": a.latent, "batch": batch, "lora_rank": lora_rank,
+                 **({} if cuda else {"keep_freed_memory": kept}),
                  "hola_resolutions": a.sides, "hola": hola.to_dict(), "bf16": bf16,
                  "gradient_checkpointing": checkpointing, "reps": reps}
     if cuda:   # one model resident: peak memory per variant, each twice

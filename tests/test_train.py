@@ -251,3 +251,12 @@ def test_lora_starts_from_the_config_seed_whatever_the_global_rng(tmp_path):
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     c = lora_a(1, seed=1)
     assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_where_there_is_glibc():
+    """The trainer's CPU allocator setting: glibc accepts both mallopt values (it refuses an mmap threshold above
+    its 32 MiB maximum, for one); elsewhere the call does nothing and says so."""
+    import platform
+
+    from cosmiclite.train import keep_freed_memory
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
