@@ -512,8 +512,12 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         raise ValueError(f"present must be (B, G) = {(B, G)} like spans, got {tuple(present.shape)}")
     sides = cfg.sides(list(maps), image_size)
 
-    first = _layers(maps[sides[0]], sides[0], token_major)[0]
-    T, device = first.shape[2 if token_major else 3], first.device
+    def rows(res: int) -> list[torch.Tensor]:   # each layer as M^T (B, heads, T, P), the layout Eq3Bracket reads
+        layers = _layers(maps[res], res, token_major)
+        return layers if token_major else [x.transpose(-1, -2) for x in layers]
+
+    first = rows(sides[0])[0]
+    T, device = first.shape[2], first.device
     dtype = torch.promote_types(first.dtype, torch.float32)   # fp16/bf16 maps: the loss in fp32
     W = token_membership(spans.to(device), T)                          # (B,G,T)
     if (W.sum(1) > 1).any():
@@ -534,7 +538,7 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     tok_cnt = grp_cnt = 0.0
     n_groups = 0
     for res in sides:
-        layers = _layers(maps[res], res, token_major)
+        layers = rows(res)
         P = res * res
         h = _targets(masks, res, cfg).to(device, dtype)
         if h.shape != (B, G, res, res):
@@ -549,13 +553,13 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         n_groups += int(valid.sum())
         vmask = valid.to(dtype)[:, None]                               # (B,1,G)
         if cfg.heads == "mean":
-            layers = [(x[:, :, :Tc] if token_major else x[..., :Tc]).mean(1, keepdim=True) for x in layers]
+            layers = [x[:, :, :Tc].mean(1, keepdim=True) for x in layers]
         # Eq. 3's bracket per (sample, layer-head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, with
         # each m_j first rescaled as cfg.normalize says (per layer, head, token; folded into Eq3Bracket, the
         # same scale as `normalize_maps`). Every layer of this resolution in one call, their heads side by side
         # (each (sample, layer, head) entry is reduced alike); only the first Tc token columns are read.
         e_tok, e_grp = eq3_bracket(layers, h, S, n, cfg.normalize, area, cfg.eps,   # (B,H,G) each, H = Σ heads
-                                   token_major)
+                                   token_major=True)
         H = e_tok.shape[1]
         if cfg.pixel_reduction == "mean":                              # ‖·‖² averaged over pixels (an MSE)
             e_tok, e_grp = e_tok / P, e_grp / P
