@@ -21,8 +21,8 @@ medians (and the median of the paired per-repetition ratios beside it).
                       VAE resident and run (as `cosmiclite train` with configs/sd15_lora.yaml does)  (<= 12 GB)
 
 Setups (random weights: the cost does not depend on the values):
-    CPU   toy UNet (3.2 M params), 64 px (16x16 latents), LoRA rank and HOLA as configs/toy_lora.yaml (max-normalised
-          maps at 8x8, per head), fp32, batch 8 (--batch), 2 threads (--threads)
+    CPU   toy UNet (3.2 M params), 64 px (16x16 latents), LoRA rank and HOLA as configs/toy_lora.yaml (its map side,
+          max-normalised, per head), fp32, batch 8 (--batch), 2 threads (--threads)
     CUDA  SD 1.5 UNet (860 M params), 512 px (64x64 latents), LoRA rank 16 as configs/sd15_lora.yaml, HOLA at
           "1/16" = 32x32, per head, bf16 autocast (frozen base in bf16, LoRA in fp32), gradient checkpointing,
           batch 4

@@ -37,7 +37,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = 1e-3
     rank: int = 8
-    hola_beta: float = 0.1      # beta of the HOLA run (Eq. 4): at 16x16 lift 1.0 -> 1.5, Acc_all kept; beta 1: -8 (README)
+    hola_beta: float = 0.1      # beta of the HOLA run (Eq. 4): at 16x16 lift 1.0 -> 1.5, Acc_all kept; beta 1: -6.6 (README)
     model: str | None = None    # a toy pipeline folder (default: the shipped toy model)
 
 
