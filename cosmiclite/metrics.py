@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from .alignment import Alignment, attention_alignment  # noqa: F401  (where attention goes; kept importable here)
 from .protocol import KINDS, Annotation, Protocol, load_protocol
 
 PARENT_RULES = ("dsg", "independent")
@@ -281,93 +282,6 @@ def paired_difference(per_image_a: Sequence[float], per_image_b: Sequence[float]
     boot = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
     return {"mean": float(d.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
             "images": int(len(d))}
-
-
-# ------------------------------------------------------------------------------------- where attention goes
-
-@dataclass
-class Alignment:
-    """Attention mass inside the masks (Sec. 4.3): one row per (person, group, resolution, timestep).
-
-    `mass` is the fraction of the group map's mass inside the group's mask h_i; `area` is the mask's mean,
-    i.e. what a uniform map would score. HOLA (Eq. 3) is meant to raise mass above area.
-    """
-    rows: list[dict]
-
-    def by_group(self) -> dict[str, dict[str, float]]:
-        """{group: {"mass", "area", "lift" (= mass / area), "n"}}, averaged over people, resolutions and timesteps."""
-        out: dict[str, dict[str, float]] = {}
-        for g in dict.fromkeys(r["group"] for r in self.rows):
-            rs = [r for r in self.rows if r["group"] == g]
-            mass, area = sum(r["mass"] for r in rs) / len(rs), sum(r["area"] for r in rs) / len(rs)
-            out[g] = {"mass": mass, "area": area, "lift": mass / max(area, 1e-12), "n": len(rs)}
-        return out
-
-    @property
-    def mean_mass(self) -> float:
-        """Mean over groups (each group weighs the same, whatever its count) of the mass inside the mask."""
-        g = self.by_group()
-        return sum(v["mass"] for v in g.values()) / max(len(g), 1)
-
-    @property
-    def mean_lift(self) -> float:
-        """Mean over groups of mass / area: 1.0 for uniform maps, above 1 where attention is inside the masks."""
-        g = self.by_group()
-        return sum(v["lift"] for v in g.values()) / max(len(g), 1)
-
-    def to_dict(self) -> dict:
-        return {"mean_mass": self.mean_mass, "mean_lift": self.mean_lift, "by_group": self.by_group(),
-                "n_rows": len(self.rows)}
-
-
-def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=None, seed: int = 0,
-                        batch: int = 16) -> Alignment:
-    """Where each caption group's cross-attention goes, on people with exact masks (Sec. 4.3).
-
-    For each person (a `toyworld.Person`, or anything with .image, .parsing (ATR) and .annotation) the caption
-    is composed and discretized, the image encoded (z_0 = the VAE posterior mean, scaled) and noised to z_t at
-    each timestep (the DDPM forward process), and the UNet run once with the caption while
-    `capture_cross_attention` records the maps (mean over heads and layers). Each group map m_(s_i,e_i) is
-    compared with its mask h_i at the map's resolution by `attention.mass_in_mask`. This is the training-time
-    view (the model sees a real image), so the masks are exact: a generated image has no parsing map.
-    """
-    import torch
-
-    from .attention import capture_cross_attention, group_maps, mass_in_mask
-    from .captions import compose
-    from .discretize import discretize
-    from .masks import mask_set
-    from .models import training_scheduler
-
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    device, dtype = unet.device, unet.dtype
-    scheduler = training_scheduler(pipe.scheduler)
-    gen = torch.Generator().manual_seed(seed)
-    people, rows = list(people), []
-    for start in range(0, len(people), batch):
-        chunk = people[start:start + batch]
-        ds = [discretize(compose(p.annotation), tokenizer=tokenizer) for p in chunk]
-        x = torch.stack([torch.from_numpy(p.image).permute(2, 0, 1) for p in chunk]).float() / 127.5 - 1
-        with torch.no_grad():
-            emb = text_encoder(torch.tensor([d.input_ids for d in ds], device=device))[0].to(dtype)
-            z0 = vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        for t in timesteps:
-            noise = torch.randn(z0.shape, generator=gen).to(z0)
-            tt = torch.full((len(chunk),), int(t), device=device, dtype=torch.long)
-            with torch.no_grad(), capture_cross_attention(unet, "inference", resolutions) as store:
-                unet(scheduler.add_noise(z0, noise, tt).to(dtype), tt, emb)
-            for res, maps in store.token_maps().items():        # (1, b, 77, r, r)
-                for k, (p, d) in enumerate(zip(chunk, ds)):
-                    ms = mask_set(p.parsing, sizes=(res,))
-                    named = [(g.name, g.span) for g in d.groups
-                             if g.name in ms.names and ms.present[ms.names.index(g.name)]]
-                    if not named:
-                        continue
-                    h = torch.stack([ms.mask(n, res) for n, _ in named]).to(maps.device)
-                    mass = mass_in_mask(group_maps(maps[0, k], [s for _, s in named], token_dim=0), h)
-                    rows += [{"person": start + k, "group": name, "res": res, "t": int(t), "mass": m,
-                              "area": float(hi.mean())} for (name, _), m, hi in zip(named, mass.tolist(), h)]
-    return Alignment(rows)
 
 
 def generate_images(pipe, prompts: Sequence[str], steps: int = 20, guidance: float = 5.0, seed: int = 0,
