@@ -9,6 +9,8 @@ attend-and-excite draw theirs.
     overlay(image, map)                  -> RGB uint8 array: one heat map over the image
     plot_group_maps(result)              -> Figure: the image, then one panel per caption group
     plot_token_maps(result)              -> Figure: a grid, one panel per token, token strings as titles
+    plot_maps_on_parts(image, maps, ms, res) -> Figure: each group's map with its own part outlined
+    plot_part_matrix(alignment)          -> Figure: the group x part matrix (`cosmiclite.alignment`)
     save_figure(fig, path)               -> PNG on disk (png_bytes(fig): the PNG as bytes)
     attention_viewer(result)             -> ipywidgets box: sliders over step and resolution, group dropdown
 
@@ -131,6 +133,56 @@ def plot_token_maps(result, res: int | None = None, step: int | None = None, tok
                      fontsize=8)
     when = "mean over steps" if step is None else f"step {step}"
     fig.suptitle(title or f"token maps, {res}x{res}, {when}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_part_matrix(alignment, res: int | None = None, ax=None, title: str | None = None):
+    """The group x part matrix (`alignment.Alignment.matrix`): each caption group's map density in every part's
+    mask, relative to its density over the whole person. A silhouette is all ones (white); decomposed attention
+    is a red diagonal (outlined). Log colour scale, 1/4 (blue) to 4 (red)."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+    groups, parts, D = alignment.matrix(res)
+    if not groups:
+        raise ValueError("the alignment holds no group with a mask in a person (no rows with densities)")
+    if ax is None:
+        fig, axes = _figure(1, 1, panel=0.42 * max(len(parts), 6) + 1.2)
+        ax = axes[0]
+        ax.axis("on")
+    img = ax.imshow(np.where(np.isnan(D), 1.0, D).clip(0.25, 4), cmap="RdBu_r", norm=LogNorm(0.25, 4))
+    ax.set_xticks(range(len(parts)), parts, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ax.set_xlabel("part mask", fontsize=8)
+    ax.set_ylabel("caption group's map", fontsize=8)
+    for i, g in enumerate(groups):
+        for j, p in enumerate(parts):
+            if not np.isnan(D[i, j]):
+                ax.text(j, i, f"{D[i, j]:.1f}", ha="center", va="center", fontsize=5.5)
+            if g == p:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
+    res = res if res is not None else (max(alignment.resolutions) if alignment.resolutions else None)
+    ax.set_title(title or f"density in each part / density on the person ({res}x{res})", fontsize=8)
+    ax.figure.colorbar(img, ax=ax, fraction=0.04, pad=0.02)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_maps_on_parts(image: np.ndarray, maps: dict, ms, res: int, alpha: float = 0.55, cols: int = 6,
+                       title: str | None = None):
+    """Each group's map over the image with its own part's mask outlined (white): decomposition at a glance.
+
+    maps {group name: (res, res) map}; ms a `masks.MaskSet` of the same image holding `res`."""
+    H, W = np.asarray(image).shape[:2]
+    fig, axes = _figure(len(maps) + 1, cols)
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=8)
+    for ax, (name, m) in zip(axes[1:], maps.items()):
+        ax.imshow(overlay(image, m, alpha))
+        if name in ms.names:
+            ax.contour(upsample(ms.mask(name, res), (H, W)), levels=[0.5], colors="white", linewidths=1.0)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title or f"group maps, {res}x{res}, own part outlined", fontsize=9)
     fig.tight_layout()
     return fig
 
