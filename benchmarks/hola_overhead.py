@@ -47,10 +47,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from peft import LoraConfig
 
 from cosmiclite.attention import capture_cross_attention
 from cosmiclite.data import ToyWorldDataset, collate
-from cosmiclite.hola import HolaConfig, hola_terms
+from cosmiclite.hola import HolaConfig, daring_loss, hola_terms
+from cosmiclite.hola_fused import fused_eq3_bracket
 from cosmiclite.models import architecture, build_text_encoder, build_unet, build_vae
 from cosmiclite.train import keep_freed_memory
 
@@ -77,7 +79,6 @@ class Setup:
         unet.requires_grad_(False)
         if bf16:
             unet.to(dtype=torch.bfloat16)
-        from peft import LoraConfig
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                     target_modules=LORA_TARGETS))
         for p in unet.parameters():        # the adapter in fp32 (as cosmiclite.train does under bf16)
@@ -126,9 +127,9 @@ class Setup:
         noise_loss = F.mse_loss(pred.float(), self.noise)
         if store is None:
             return noise_loss, {"noise_loss": noise_loss.item()}
-        terms = hola_terms(store.token_major_maps(), self.spans, self.masks, self.present, self.hola,
-                           image_size=self.image_px, keep=self.keep, token_major=True)
-        loss = self.hola.alpha * noise_loss + self.hola.beta * terms.loss
+        terms = hola_terms(store.maps(), self.spans, self.masks, self.present, self.hola,
+                           image_size=self.image_px, keep=self.keep, bracket=fused_eq3_bracket)
+        loss = daring_loss(noise_loss, terms.loss, self.hola)
         return loss, {"noise_loss": noise_loss.item(), "hola_loss": terms.loss.item()}
 
     def step(self, store) -> dict:

@@ -10,15 +10,14 @@ How it is captured: a diffusers attention processor (`CrossAttentionCapture`) is
 `unet.set_attn_processor` on the cross-attention layers only. At the resolutions asked for it computes
 attention eagerly (matmul + softmax, then M @ V: the probabilities exist as a tensor, stored token-major as M^T)
 and hands M to a store; at other resolutions it calls the layer's original processor. Self-attention keeps its
-stock SDPA processor, which matters: eager self-attention (as Prompt-to-Prompt's store does) costs +13-63 %,
-eager cross-attention 0-4 % (77 keys make it cheap; DESIGN.md has the measurements). The model stays stock;
+stock SDPA processor, which matters: eager self-attention (as Prompt-to-Prompt's store does) costs far more than
+eager cross-attention, where 77 keys make it cheap (docs/results.md, Speed and memory). The model stays stock;
 leaving the `capture_cross_attention` context puts the original processors back.
 
 Two stores:
     mode="training"  keeps every recorded M in the autograd graph (per head, or the head mean), for HOLA (Eq. 3).
-                     `store.maps()` -> {res: [ (B, H, res*res, 77) per layer ]} for the latest UNet forward;
-                     `store.token_major_maps()` the same as M^T, (B, H, 77, res*res), the tensors a loss should
-                     read in training (`hola_terms(..., token_major=True)`).
+                     `store.maps()` -> {res: [ (B, H, res*res, 77) per layer ]} for the latest UNet forward
+                     (views of M^T as computed: each token's map m_j is contiguous in memory).
     mode="inference" no grad; reduces as it goes: the head mean is added into one running sum per resolution
                      (mean over heads, layers and steps), or one per step when `per_step=True`, so memory is
                      O(res^2 x 77) after any number of steps (O(res^2 x groups) with `spans` and
@@ -30,7 +29,7 @@ latent/4 and latent/2, i.e. 1/32 and 1/16 of the image side for SD 1.5 at 512 px
 VAE x4) give 8 and 16, since its 4x4 maps say little about a 64 px person.
 
 Classifier-free guidance: StableDiffusionPipeline and StableDiffusionXLPipeline batch the UNet input as
-[unconditional, conditional] (`torch.cat([negative_prompt_embeds, prompt_embeds])`), so with `cfg=True` only
+[unconditional, conditional] (`torch.cat([negative_prompt_embeds, prompt_embeds])`), so with `guidance_batch=True` only
 the second half of the batch is recorded: the maps are those of the prompt, not of the empty prompt.
 
 But: maps of attention-mask-padded keys, IP-adapter or other joint-attention variants are not handled (SD/SDXL
@@ -118,11 +117,9 @@ def mass_in_mask(maps: torch.Tensor, masks: torch.Tensor, eps: float = 1e-12) ->
 class _Store:
     """What the processors report to. Knows the current latent size, step and timestep from a UNet pre-hook."""
 
-    local = False   # whether a loss on the recorded maps stops at each layer's W_q, W_k (TrainingStore's option)
-
-    def __init__(self, resolutions: Sequence[int] | None, cfg: bool):
+    def __init__(self, resolutions: Sequence[int] | None, guidance_batch: bool):
         self.resolutions = tuple(resolutions) if resolutions is not None else None
-        self.cfg = cfg
+        self.guidance_batch = guidance_batch   # the UNet batch is [uncond, cond]: record the cond half
         self.latent_hw: tuple[int, int] | None = None
         self.step = -1
         self.timesteps: list[float] = []
@@ -160,13 +157,11 @@ class TrainingStore(_Store):
     """Keeps every recorded M of the latest UNet forward in the autograd graph (for HOLA, Eq. 3).
 
     head_mean: average over heads (shape (B, 1, N, 77)) or keep them (B, heads, N, 77).
-    local: a loss on the maps trains each layer's query and key projections only, not the features below them
-           (`LocalMaps`); False: its gradient flows through the whole UNet like any other.
     """
 
-    def __init__(self, resolutions=None, cfg=False, head_mean: bool = False, local: bool = False):
-        super().__init__(resolutions, cfg)
-        self.head_mean, self.local = head_mean, local
+    def __init__(self, resolutions=None, guidance_batch=False, head_mean: bool = False):
+        super().__init__(resolutions, guidance_batch)
+        self.head_mean = head_mean
         self._maps: dict[int, list[torch.Tensor]] = {}
         self.layers: dict[int, list[str]] = {}
         self.grids: dict[int, tuple[int, int]] = {}
@@ -184,16 +179,10 @@ class TrainingStore(_Store):
         self.grids[hw[0]] = hw
 
     def maps(self) -> dict[int, list[torch.Tensor]]:
-        """{res: [M of each recorded layer, (B, H, h*w, 77)]} from the latest UNet forward, differentiable
-        (transposed views of `token_major_maps()`)."""
-        return {r: [m.transpose(-1, -2) for m in ms] for r, ms in self.token_major_maps().items()}
-
-    def token_major_maps(self) -> dict[int, list[torch.Tensor]]:
-        """{res: [M^T of each recorded layer, (B, H, 77, h*w)]}: the tensors the attention computed, which a loss
-        should read directly (`hola_terms(..., token_major=True)`): a gradient that reaches them through no
-        view node is one autograd can add to the attention's own in place."""
+        """{res: [M of each recorded layer, (B, H, h*w, 77)]} from the latest UNet forward, differentiable: what
+        `hola_terms` reads. Views of M^T as the attention computed it, so each token's map is a row in memory."""
         self.check_recorded(self._maps)
-        return dict(self._maps)
+        return {r: [m.mT for m in ms] for r, ms in self._maps.items()}
 
     def token_maps(self) -> dict[int, torch.Tensor]:
         """{res: (B, 77, h, w)}: mean over the layers and heads at each resolution, as images (differentiable)."""
@@ -211,9 +200,9 @@ class InferenceStore(_Store):
     spans: group spans, for `group_maps()`; with keep_tokens=False only group maps are accumulated (O(G x res^2)).
     """
 
-    def __init__(self, resolutions=None, cfg=False, per_step: bool = False, spans: Sequence[Span] | None = None,
-                 keep_tokens: bool = True):
-        super().__init__(resolutions, cfg)
+    def __init__(self, resolutions=None, guidance_batch=False, per_step: bool = False,
+                 spans: Sequence[Span] | None = None, keep_tokens: bool = True):
+        super().__init__(resolutions, guidance_batch)
         if spans is None and not keep_tokens:
             raise ValueError("keep_tokens=False needs spans: without groups nothing would be kept")
         self.per_step, self.spans, self.keep_tokens = per_step, list(spans) if spans else None, keep_tokens
@@ -269,32 +258,6 @@ class InferenceStore(_Store):
 
 # --------------------------------------------------------------------------------------------------- processor
 
-class LocalMaps(torch.autograd.Function):
-    """M^T again, with a gradient that stops at this layer: a loss on the recorded maps (HOLA) trains the layer's
-    query and key projections (W_q, W_k and their LoRA) but not the features they read.
-
-        forward(Mt, Q, K_s) = Mt            (Mt = Softmax(K_s Q^T) over the tokens, computed once by the caller)
-        backward: dS = Mt * (dMt - Σ_j dMt_j Mt_j)   (the softmax's backward),  dQ = dS^T K_s,  dK_s = dS Q
-
-    Q is the caller's W_q applied to the *detached* hidden states, so dQ flows into W_q only. The layer's output
-    keeps the ordinary graph through the same Mt, so the noise loss still trains everything (Eq. 4's α term).
-    One more softmax backward per recorded layer than a shared graph, but no sum of the two gradients on M.
-    """
-
-    @staticmethod
-    def forward(ctx, Mt, Q, Ks):
-        ctx.save_for_backward(Mt, Q, Ks)
-        return Mt
-
-    @staticmethod
-    def backward(ctx, g):
-        Mt, Q, Ks = ctx.saved_tensors
-        dS = torch._softmax_backward_data(g.to(Mt.dtype), Mt, -2, Mt.dtype)      # (b, heads, 77, N)
-        dQ = dS.transpose(-1, -2) @ Ks if ctx.needs_input_grad[1] else None
-        dK = dS @ Q if ctx.needs_input_grad[2] else None
-        return None, dQ, dK
-
-
 class CrossAttentionCapture:
     """Attention processor for a cross-attention layer: Eq. 2 computed eagerly where recorded, stock elsewhere.
 
@@ -334,10 +297,10 @@ class CrossAttentionCapture:
         # Classifier-free guidance: the batch is [uncond, cond] and only the conditional half's maps are kept,
         # so only that half is computed in the open; the unconditional half stays on fused SDPA.
         c0 = 0
-        if self.store.cfg:
+        if self.store.guidance_batch:
             if batch % 2:
-                raise ValueError(f"cfg=True but the UNet batch has odd size {batch}; CFG batches are "
-                                 f"[uncond, cond] halves (pass cfg=False without guidance)")
+                raise ValueError(f"guidance_batch=True but the UNet batch has odd size {batch}; guidance batches "
+                                 f"are [uncond, cond] halves (pass guidance_batch=False without guidance)")
             c0 = batch // 2
         outs = []
         if c0:
@@ -357,11 +320,7 @@ class CrossAttentionCapture:
         if attn.upcast_softmax:
             St = St.float()
         Mt = St.softmax(dim=-2).to(dtype)                              # Eq. 2: M = Softmax(Q K^T / sqrt(d)), as M^T
-        rec = Mt
-        if self.store.local:   # the loss on M reaches this layer's W_q, W_k, not the features below
-            Ql = attn.to_q(hidden_states[c0:].detach()).unflatten(-1, (heads, -1)).transpose(1, 2)
-            rec = LocalMaps.apply(Mt.detach(), Ql.to(K.dtype), Ks)
-        self.store.record(self.name, rec, hw)
+        self.store.record(self.name, Mt, hw)
         outs.append((V.transpose(-1, -2) @ Mt).transpose(-1, -2))      # M V, as (V^T M^T)^T: M's gradient token-major
 
         out = (torch.cat(outs) if c0 else outs[0]).transpose(1, 2).flatten(2)  # (B, N, heads * d)
@@ -378,7 +337,7 @@ def cross_attention_layers(unet) -> list[str]:
 
 @contextmanager
 def capture_cross_attention(unet, mode: str = "inference", resolutions: Sequence[int] | None = None, *,
-                            cfg: bool = False, head_mean: bool = False, local: bool = False, per_step: bool = False,
+                            guidance_batch: bool = False, head_mean: bool = False, per_step: bool = False,
                             spans: Sequence[Span] | None = None, keep_tokens: bool = True,
                             layers: Callable[[str], bool] | None = None) -> Iterator[_Store]:
     """Install `CrossAttentionCapture` on the UNet's cross-attention layers; restore the processors on exit.
@@ -387,17 +346,17 @@ def capture_cross_attention(unet, mode: str = "inference", resolutions: Sequence
             noise_pred = unet(z_t, t, c).sample
             maps = store.maps()           # {8: [(B, heads, 64, 77), ...], 16: [(B, heads, 256, 77), ...]}
 
-    mode: "training" (TrainingStore, maps in the graph, `head_mean` to average heads, `local` to stop their
-        gradient at each layer's W_q and W_k) or "inference"
+    mode: "training" (TrainingStore, maps in the graph, `head_mean` to average heads) or "inference"
         (InferenceStore: `per_step`, `spans`, `keep_tokens`).
     resolutions: map heights to record (None: `default_resolutions` of the latent size).
-    cfg: the UNet batch is [uncond, cond] (diffusers' SD/SDXL pipelines with guidance_scale > 1): keep the cond half.
+    guidance_batch: the UNet batch is [uncond, cond] (diffusers' SD/SDXL pipelines with guidance_scale > 1): keep
+        the cond half.
     layers: optional filter on processor names, e.g. `lambda n: n.startswith("up_blocks")`.
     """
     if mode == "training":
-        store: _Store = TrainingStore(resolutions, cfg, head_mean=head_mean, local=local)
+        store: _Store = TrainingStore(resolutions, guidance_batch, head_mean=head_mean)
     elif mode == "inference":
-        store = InferenceStore(resolutions, cfg, per_step=per_step, spans=spans, keep_tokens=keep_tokens)
+        store = InferenceStore(resolutions, guidance_batch, per_step=per_step, spans=spans, keep_tokens=keep_tokens)
     else:
         raise ValueError(f"mode={mode!r}; use 'training' (maps in the autograd graph) or 'inference' (reduced)")
 
@@ -545,11 +504,11 @@ def generate_with_attention(pipe, prompt: str, spans: Sequence[tuple[str, Span]]
     Returns an AttentionResult with the image, token maps and group maps (mean over heads and layers; over
     steps too unless per_step).
     """
-    cfg = guidance_scale > 1.0  # diffusers' own test for classifier-free guidance (SD/SDXL without a guidance embed)
+    guided = guidance_scale > 1.0  # diffusers' own test for classifier-free guidance (SD/SDXL without a guidance embed)
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True).input_ids
     generator = torch.Generator("cpu").manual_seed(seed)
-    with capture_cross_attention(pipe.unet, "inference", resolutions, cfg=cfg, per_step=per_step,
+    with capture_cross_attention(pipe.unet, "inference", resolutions, guidance_batch=guided, per_step=per_step,
                                  spans=[s for _, s in spans] or None) as store:
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                    height=height, width=width, negative_prompt=negative_prompt, output_type="np")

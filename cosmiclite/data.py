@@ -29,6 +29,7 @@ unanswered; its "not long-sleeve", "square" neckline, "other" fabric/pattern hav
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from .masks import LABEL_SETS, label_names, mask_set
+from .captions import compose
+from .discretize import discretize, discretize_text
+from .masks import LABEL_SETS, group_labels, label_names, mask_set
 from .protocol import NOT_VISIBLE, Annotation, AnnotationError, Protocol, load_protocol
+from .toyworld import render
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -75,7 +81,6 @@ class Record:
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -83,7 +88,6 @@ def _load_rgb(path: Path) -> np.ndarray:
 def _load_labels(path: Path) -> np.ndarray:
     """A parsing PNG as label indices: mode L/P/I give their indices; RGB maps are refused (colours are
     not labels)."""
-    from PIL import Image
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"parsing map mode {im.mode!r}: expected a label-index PNG (mode L or P)")
@@ -107,11 +111,6 @@ def _check_record(image: np.ndarray, parsing: np.ndarray | None, label_set: str)
 def write_imagefolder(records: Iterable, out: str | Path, *, label_set: str = "atr", source: str = "toyworld",
                       overwrite: bool = False, total: int | None = None) -> Path:
     """Write people (toyworld `Person`s or `Record`s) as a Hugging Face imagefolder dataset (see above)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from .captions import compose
-
     out = Path(out)
     meta = out / "metadata.jsonl"
     if meta.exists() and not overwrite:
@@ -142,21 +141,39 @@ def write_imagefolder(records: Iterable, out: str | Path, *, label_set: str = "a
     return out
 
 
-def read_imagefolder(root: str | Path, *, strict: bool = False,
-                     protocol: Protocol | None = None) -> tuple[list[Record], ReadReport]:
-    """Read a dataset written by `write_imagefolder` (or any imagefolder with the same metadata)."""
-    root = Path(root)
-    meta = root / "metadata.jsonl"
+def read_metadata(root: str | Path, *, strict: bool = False) -> tuple[list[tuple[str, dict]], ReadReport]:
+    """The rows of DIR/metadata.jsonl as (where, row) pairs, where = "DIR/metadata.jsonl:LINE"; lines that are no
+    JSON object are skipped into the report (strict: raised). The one reader of the metadata file."""
+    meta = Path(root) / "metadata.jsonl"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: {root} is not an imagefolder dataset written by "
                                 "cosmiclite (make one with `cosmiclite toyworld --n 32 --out DIR`)")
-    report, records = ReadReport(), []
+    report, rows = ReadReport(), []
     for k, line in enumerate(meta.read_text().splitlines()):
         if not line.strip():
             continue
         where = f"{meta}:{k + 1}"
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"bad data: line is a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if strict:
+                raise ValueError(f"{where}: {_reason(e)}") from e
+            report.skip(where, _reason(e))
+            continue
+        rows.append((where, row))
+    return rows, report
+
+
+def read_imagefolder(root: str | Path, *, strict: bool = False,
+                     protocol: Protocol | None = None) -> tuple[list[Record], ReadReport]:
+    """Read a dataset written by `write_imagefolder` (or any imagefolder with the same metadata)."""
+    root = Path(root)
+    rows, report = read_metadata(root, strict=strict)
+    records = []
+    for where, row in rows:
+        try:
             img_path = root / row["file_name"]
             image = _load_rgb(img_path)
             parsing = _load_labels(root / row["parsing_file_name"]) if row.get("parsing_file_name") else None
@@ -167,7 +184,7 @@ def read_imagefolder(root: str | Path, *, strict: bool = False,
             if problem:
                 raise ValueError(problem)
             ann = Annotation.from_dict({"answers": row.get("annotation") or {}}, protocol)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError) as e:
             reason = _reason(e)
             if strict:
                 raise ValueError(f"{where}: {reason}") from e
@@ -367,36 +384,53 @@ def read_deepfashion_mm(root: str | Path, *, strict: bool = False, limit: int | 
 
 
 # --- training samples ---------------------------------------------------------------------------------------
-def training_sample(image: np.ndarray, parsing: np.ndarray | None, annotation: Annotation | None, *,
+def training_sample(image: np.ndarray | None, parsing: np.ndarray | None, annotation: Annotation | None, *,
                     label_set: str = "atr", mask_sizes: Sequence[int] = (8, 16, 32), tokenizer=None,
                     caption_fn: Callable | None = None, caption: str | None = None) -> dict:
     """One training sample (Sec. 4.2): pixel_values (3, H, W) in [-1, 1], input_ids (77,), spans (G, 2),
-    masks {res: (G, res, res)}, present (G,). Captions come from `captions.compose` (or `caption_fn`)
-    and spans from `discretize` over the MaskSet's group names; a plain `caption` string (no annotation)
-    takes `discretize_text`."""
-    from .captions import compose
-    from .discretize import discretize, discretize_text
+    masks {res: (G, res, res)}, present (G,), caption. Captions come from `captions.compose` (or `caption_fn`,
+    e.g. training's augmentation) and spans from `discretize` over the mask groups; a plain `caption` string (no
+    annotation) takes `discretize_text`. The one batch builder: notebooks, `PeopleDataset` and training use it.
 
-    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    if parsing is None:
-        parsing = np.zeros(image.shape[:2], np.uint8)  # no map: every group absent
-    ms = mask_set(parsing, label_set, mask_sizes)
+    image None: no pixel_values (training from a latent pool). mask_sizes empty: no masks and no present (a run
+    without HOLA). A missing parsing map gives every group absent.
+    """
+    out = {}
+    if image is not None:
+        out["pixel_values"] = to_pixels(image)
+    names = group_labels()
+    if mask_sizes:
+        if parsing is None:   # no map: every group absent
+            parsing = np.zeros(image.shape[:2] if image is not None else (max(mask_sizes),) * 2, np.uint8)
+        ms = mask_set(parsing, label_set, mask_sizes)
+        names = ms.names
+        out["masks"], out["present"] = ms.masks, ms.present
     if annotation is not None:
         d = discretize((caption_fn or compose)(annotation), tokenizer)
     else:
         d = discretize_text(caption or "", tokenizer)
-    spans = torch.tensor(d.spans(ms.names), dtype=torch.long)
-    return {"pixel_values": img, "input_ids": torch.tensor(d.input_ids, dtype=torch.long), "spans": spans,
-            "masks": ms.masks, "present": ms.present, "caption": d.caption}
+    out["input_ids"] = torch.tensor(d.input_ids, dtype=torch.long)
+    out["spans"] = torch.tensor(d.spans(names), dtype=torch.long)
+    out["caption"] = d.caption
+    return out
+
+
+def to_pixels(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 images (H, W, 3), or a batch of them, -> float (3, H, W) / (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(np.stack(images) if isinstance(images, (list, tuple)) else images, np.uint8))
+    return x.movedim(-1, -3).float() / 127.5 - 1.0
 
 
 def collate(batch: Sequence[dict]) -> dict:
     """Stack samples: pixel_values (B,3,H,W), input_ids (B,77), spans (B,G,2), masks {res: (B,G,res,res)},
-    present (B,G), caption (list of B strings)."""
+    present (B,G), caption (list of B strings); the keys the samples have."""
     if not batch:
         raise ValueError("collate got an empty batch")
-    out = {k: torch.stack([b[k] for b in batch]) for k in ("pixel_values", "input_ids", "spans", "present")}
-    out["masks"] = {r: torch.stack([b["masks"][r] for b in batch]) for r in batch[0]["masks"]}
+    first = batch[0]
+    out = {k: torch.stack([b[k] for b in batch]) for k in ("pixel_values", "input_ids", "spans", "present")
+           if k in first}
+    if "masks" in first:
+        out["masks"] = {r: torch.stack([b["masks"][r] for b in batch]) for r in first["masks"]}
     out["caption"] = [b["caption"] for b in batch]
     return out
 
@@ -413,7 +447,6 @@ class PeopleDataset(Dataset):
     def from_folder(cls, root: str | Path, **kw) -> "PeopleDataset":
         records, report = read_imagefolder(root)
         if report.skipped:
-            import warnings
             warnings.warn(f"{root}: {report}", stacklevel=2)
         ds = cls(records, **kw)
         ds.report = report
@@ -442,7 +475,6 @@ class ToyWorldDataset(Dataset):
         return self.n
 
     def person(self, i: int):
-        from .toyworld import render
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} people")
         return render(self.seed + i, self.size, self.sampling)
@@ -456,7 +488,6 @@ class ToyWorldDataset(Dataset):
 def write_toyworld(n: int, out: str | Path, *, size: int = 64, seed: int = 0, sampling=None,
                    overwrite: bool = False) -> Path:
     """Render people seed .. seed+n-1 and write them as an imagefolder dataset (`cosmiclite toyworld`)."""
-    from .toyworld import render
     if n < 1:
         raise ValueError(f"--n {n}: write at least one person")
     people = (render(seed + i, size, sampling) for i in range(n))
@@ -468,25 +499,18 @@ def dataset_card(root: str | Path, protocol: Protocol | None = None) -> dict:
     """Table-1-style statistics of an imagefolder dataset (Sec. 3.3): images, mean resolution, shot types
     ("common scale"), categories answered, attribute labels (answers that are not "not visible"/"not
     applicable"), and per category the count of each answer. Unreadable rows are counted under "skipped"."""
-    from PIL import Image
     protocol = protocol or load_protocol()
     root = Path(root)
-    meta = root / "metadata.jsonl"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found: {root} is not an imagefolder dataset "
-                                "(make one with `cosmiclite toyworld --n 32 --out DIR`)")
+    rows, report = read_metadata(root)
     per_q: dict[str, Counter] = {q: Counter() for q in protocol.question_ids}
-    sizes, n_parsing, n_caption, report = [], 0, 0, ReadReport()
-    for k, line in enumerate(meta.read_text().splitlines()):
-        if not line.strip():
-            continue
+    sizes, n_parsing, n_caption = [], 0, 0
+    for where, row in rows:
         try:
-            row = json.loads(line)
             with Image.open(root / row["file_name"]) as im:
                 sizes.append(im.size)
             answers = Annotation.from_dict({"answers": row.get("annotation") or {}}, protocol).answers
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            report.skip(f"{meta}:{k + 1}", _reason(e))
+        except (OSError, ValueError, KeyError) as e:
+            report.skip(where, _reason(e))
             continue
         report.read += 1
         n_parsing += bool(row.get("parsing_file_name"))

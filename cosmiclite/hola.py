@@ -38,14 +38,15 @@ belongs to at most one group) — the discretizer guarantees that, and this modu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 __all__ = ["HolaConfig", "HolaTerms", "hola_loss", "hola_terms", "token_membership", "daring_loss", "normalize_maps",
-           "Eq3Bracket", "eq3_bracket", "hola_table", "fit_maps_to_masks", "plot_hola_terms"]
+           "eq3_bracket", "hola_table", "fit_maps_to_masks", "plot_hola_terms"]
 
 Maps = Mapping[int, "torch.Tensor | Sequence[torch.Tensor]"]
 
@@ -56,8 +57,6 @@ _CHOICES = {
     "weighting": ("pooled", "eq3", "group"),
     "empty_masks": ("skip", "keep"),
     "mask_resize": ("bilinear", "area"),
-    "gradient": ("full", "local"),
-    "mask_peak": ("as_is", "one"),
 }
 
 
@@ -80,26 +79,6 @@ class HolaConfig:
     mask_resize:     how a mask is resized when the caller gave no mask at a map's resolution.
     alpha, beta:     the weights of Eq. 4.
     drop_prob:       probability that a sample's HOLA term is dropped (CosmicMan: 0.1); see `sample_keep`.
-    gradient:        "full" — L_HOLA backpropagates through the whole UNet like L_noise (CosmicMan); "local" — it
-                     stops at each captured layer's query and key projections (W_q, W_k and their LoRA), so HOLA
-                     moves where the words attend without reshaping the features the queries are read from (an
-                     experiment the paper does not make; `cosmiclite.attention.LocalMaps`).
-    t_range:         (lo, hi): HOLA only for samples whose training timestep t has lo <= t < hi; None (default,
-                     CosmicMan): every t. An experiment the paper does not make; see `in_t_range`.
-    token_weight:    the weight of Eq. 3's first (per-token) term against the second (group-mean) one: 1 as the
-                     paper and CosmicMan; 0 keeps only ‖m̄_i − h_i‖², so each word may look at part of its group's
-                     region as long as the group's mean map covers it. With "pooled" a token map then counts
-                     token_weight times a group-mean map in the mean. An experiment the paper does not make.
-    mask_peak:       "as_is" — the resized masks as they come; "one" — each mask h_i divided by its maximum over
-                     pixels. Resized to a coarse grid, a small part covers no cell fully (at 8x8 on the toy's 64 px
-                     most outfit parts peak at 0.3-0.6), while a max-normalised map always peaks at 1: "one" gives
-                     such maps a target of the same height. An experiment the paper does not make.
-    mask_dilate:     grow each target by this many cells of its map (0: the part as drawn). A word such as
-                     "heavy" or "long" changes the extent of its part, so its attention may need to reach beyond
-                     the part as drawn in the training image. An experiment the paper does not make.
-    skip_groups:     mask groups left out of L_HOLA by name (e.g. ["body"]: h_1, the whole person), in the kit's
-                     mask-group order (`cosmiclite.masks.group_labels`, body first). An experiment the paper does
-                     not make.
     eps:             guards the divisions of "max"/"sum" normalisation and the empty-mask test.
     """
 
@@ -113,12 +92,6 @@ class HolaConfig:
     alpha: float = 1.0
     beta: float = 1.0
     drop_prob: float = 0.1
-    gradient: Literal["full", "local"] = "full"
-    t_range: tuple[int, int] | None = None
-    token_weight: float = 1.0
-    mask_peak: Literal["as_is", "one"] = "as_is"
-    mask_dilate: int = 0
-    skip_groups: tuple[str, ...] = ()
     eps: float = 1e-6
 
     def __post_init__(self):
@@ -135,26 +108,8 @@ class HolaConfig:
             raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"HolaConfig.drop_prob={self.drop_prob}: must lie in [0, 1]")
-        if isinstance(self.skip_groups, (list, str)):
-            object.__setattr__(self, "skip_groups", tuple([self.skip_groups] if isinstance(self.skip_groups, str)
-                                                          else self.skip_groups))
-        unknown = [g for g in self.skip_groups if g not in _mask_group_names()]
-        if unknown:
-            raise ValueError(f"HolaConfig.skip_groups: {unknown} are not mask groups of the kit; choose from "
-                             f"{list(_mask_group_names())}")
-        if not (isinstance(self.mask_dilate, int) and self.mask_dilate >= 0):
-            raise ValueError(f"HolaConfig.mask_dilate={self.mask_dilate!r}: a whole number of cells >= 0")
-        if self.token_weight < 0:
-            raise ValueError(f"HolaConfig.token_weight={self.token_weight}: must be >= 0 (1 = Eq. 3 as written, "
-                             "0 = the group-mean term only)")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"HolaConfig alpha={self.alpha}, beta={self.beta}: Eq. 4 weights must be >= 0")
-        if self.t_range is not None:
-            tr = self.t_range
-            if not (len(tr) == 2 and all(isinstance(x, int) for x in tr) and 0 <= tr[0] < tr[1]):
-                raise ValueError(f"HolaConfig.t_range={tr!r}: use two integer timesteps [lo, hi) with 0 <= lo < hi, "
-                                 "e.g. [0, 500], or null for every timestep")
-            object.__setattr__(self, "t_range", tuple(tr))
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "HolaConfig":
@@ -166,14 +121,13 @@ class HolaConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("resolutions", "t_range", "skip_groups"):
-            if isinstance(d[k], tuple):
-                d[k] = list(d[k])
+        if isinstance(d["resolutions"], tuple):
+            d["resolutions"] = list(d["resolutions"])
         return d
 
     def capture_options(self) -> dict:
         """The `attention.capture_cross_attention(unet, "training", ...)` options these choices need."""
-        return {"head_mean": self.heads == "mean", "local": self.gradient == "local"}
+        return {"head_mean": self.heads == "mean"}
 
     def sides(self, available: Sequence[int], image_size: int | None = None) -> list[int]:
         """The map sides that enter the loss, checked against the captured ones."""
@@ -193,16 +147,13 @@ class HolaConfig:
                              "set hola.resolutions to captured sides (or capture those layers)")
         return wanted
 
-    def in_t_range(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: which samples' timesteps t lie in `t_range` (all of them when it is None)."""
-        if self.t_range is None:
-            return torch.ones_like(t, dtype=torch.bool)
-        return (t >= self.t_range[0]) & (t < self.t_range[1])
-
     def sample_keep(self, batch_size: int, generator: torch.Generator | None = None,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-        """(B,) bool: which samples keep their HOLA term this step (CosmicMan drops it for 10 %)."""
-        u = torch.rand(batch_size, generator=generator)
+                    device: torch.device | str = "cpu", *, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) bool: which samples keep their HOLA term this step (CosmicMan drops it for 10 %).
+
+        uniforms: the (B,) draws in [0, 1) to use instead of drawing from `generator`; training passes draws keyed
+        by each sample's position, so that a resumed or data-parallel run drops the same samples."""
+        u = torch.rand(batch_size, generator=generator) if uniforms is None else uniforms
         return (u >= self.drop_prob).to(device)
 
 
@@ -238,26 +189,22 @@ def token_membership(spans: torch.Tensor, num_tokens: int = 77) -> torch.Tensor:
     return (s >= 0) & (j >= s) & (j < e)
 
 
-def _layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int, token_major: bool = False) -> list[torch.Tensor]:
-    """Captured maps at one resolution -> a list of (B, heads, P, T) tensors, one per layer (views, no copies);
-    (B, heads, T, P) with token_major."""
+def _layers(m: "torch.Tensor | Sequence[torch.Tensor]", res: int) -> list[torch.Tensor]:
+    """Captured maps at one resolution -> a list of (B, heads, P, T) tensors, one per layer (views, no copies)."""
     if isinstance(m, (list, tuple)):
         if not m:
             raise ValueError(f"maps[{res}] is an empty list: no layer was captured at that resolution")
         layers = [x if x.ndim == 4 else x.unsqueeze(1) for x in m]
     elif m.ndim == 5:
         layers = list(m.unbind(0))    # stacked (L, B, heads, P, T)
-    elif m.ndim == 4:
-        layers = [m]                  # one layer
     elif m.ndim == 3:
         layers = [m.unsqueeze(1)]     # one layer, heads already averaged
     else:
-        layers = [m]
+        layers = [m]                  # one layer
     for x in layers:
-        if x.ndim != 4 or x.shape[3 if token_major else 2] != res * res:
-            shape = f"(B, heads, T, {res}*{res})" if token_major else f"(B, heads, {res}*{res}, T)"
-            raise ValueError(f"maps[{res}] must be {shape}, a list of those, or a stack of them (L, ...); "
-                             f"got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[2] != res * res:
+            raise ValueError(f"maps[{res}] must be (B, heads, {res}*{res}, T), a list of those, or a stack of them "
+                             f"(L, ...); got {tuple(x.shape)}")
     return layers
 
 
@@ -270,202 +217,6 @@ def _masks_at(masks: Mapping[int, torch.Tensor], res: int, mode: str) -> torch.T
         raise ValueError("masks is empty: HOLA needs masks {side: (B, G, side, side)}")
     src = masks[larger[0]].float()
     return F.interpolate(src, size=(res, res), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
-
-
-def _targets(masks: Mapping[int, torch.Tensor], res: int, cfg: "HolaConfig") -> torch.Tensor:
-    """The targets h_i at `res`: the masks there (`_masks_at`), grown by cfg.mask_dilate cells (a max over the
-    (2k+1) x (2k+1) neighbourhood), each divided by its peak when cfg.mask_peak is "one"."""
-    h = _masks_at(masks, res, cfg.mask_resize)
-    if cfg.mask_dilate:                                     # (B, G, res, res): the groups as channels
-        h = F.max_pool2d(h, 2 * cfg.mask_dilate + 1, stride=1, padding=cfg.mask_dilate)
-    if cfg.mask_peak == "one":
-        h = h / h.amax((-2, -1), keepdim=True).clamp_min(cfg.eps)
-    return h
-
-
-@lru_cache(maxsize=None)
-def _mask_group_names() -> tuple[str, ...]:
-    """The kit's mask groups in the order of every mask set (`cosmiclite.masks.group_labels`, body first)."""
-    from .masks import group_labels
-    return tuple(group_labels())
-
-
-def _skipped(cfg: "HolaConfig", G: int, device) -> torch.Tensor:
-    """(G,) bool: the mask groups cfg.skip_groups leaves out, by their place in the kit's mask-group order."""
-    out = torch.zeros(G, dtype=torch.bool, device=device)
-    if cfg.skip_groups:
-        names = _mask_group_names()
-        if len(names) != G:
-            raise ValueError(f"HolaConfig.skip_groups={list(cfg.skip_groups)} names the kit's mask groups, but these "
-                             f"masks hold {G} groups, not its {len(names)}")
-        out[[names.index(g) for g in cfg.skip_groups]] = True
-    return out
-
-
-def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, heads, T', P) token-major maps -> (B, heads, T, P): the first T token maps as rows, contiguous along
-    the pixels.
-
-    A view when the maps are stored token-major in memory (as `cosmiclite.attention` captures them); otherwise one
-    copy, since sums and maxima over pixels run several times faster along rows than down the columns of a (P, T)
-    layout.
-    """
-    At = m[:, :, :T].to(dtype)
-    return At if At.stride(-1) == 1 else At.contiguous()
-
-
-def _row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, index of a maximum) along the last dimension, like `x.max(-1)` but ~3x faster on CPU.
-
-    torch's max-with-index reduction is slow on CPU (~1.4 ns per element), so the row is first folded in halves
-    with elementwise maxima (y_i = max_j x_(i + j w), w ~ √n, each fold vectorised), the winning i is found in the
-    short folded row, and j among the n/w entries x_(i + j w). Ties may pick another maximum than `max` does: any is a
-    valid (sub)gradient of the max.
-    """
-    n = x.shape[-1]
-    y, w = x, n
-    while w % 2 == 0 and w * w > n:
-        w //= 2
-        y = torch.maximum(y[..., :w], y[..., w:2 * w])
-    peak, i = y.max(-1)                                                          # y (..., w): i the winning residue
-    column = x.unflatten(-1, (n // w, w)).gather(-1, i[..., None, None].expand(*i.shape, n // w, 1))
-    return peak, column.squeeze(-1).argmax(-1) * w + i
-
-
-class Eq3Bracket(torch.autograd.Function):
-    """The two terms inside Eq. 3's bracket, per sample, head and group, summed over pixels — with the map
-    normalisation folded in and the gradient written out, so that the maps (the largest tensors of a training
-    step) are read as few times as possible and no rescaled copy of them is ever made.
-
-        tok[b,h,i] = Σ_{j∈[s_i,e_i)} ‖y_j − h_i‖²        grp[b,h,i] = ‖ȳ_i − h_i‖²,   ȳ_i = (1/n_i) Σ_{j∈[s_i,e_i)} y_j
-        y_j = r_j · m_j     r_j = 1 ("none"), 1 / max_p m_j ("max"), Σ_p h_i / Σ_p m_j ("sum"): see `normalize_maps`
-
-    inputs (`Eq3Bracket.apply(h, S, n, normalize, area, eps, *maps)`, or `eq3_bracket(maps, h, S, n, ...)`):
-    h (B, G, P) the masks h_i; S (B, G, T) with S[b,i,j] = 1 when token j is in group i (each token in at most one
-    group); n (B, G) = e_i − s_i (tokens per group); normalize, area (B, G) = Σ_p h_i (for "sum") and eps as in
-    `normalize_maps`; maps: one or more layers given token-major, M^T (B, heads_l, T_l ≥ T, P), the maps m_j as
-    rows, of which the first T are read (the tokens any group has). `cosmiclite.attention` computes M^T contiguous,
-    so every sum or max over pixels runs along contiguous memory (maps in another memory layout are copied once).
-    The backward writes each layer's gradient once, a new tensor in that same layout at full width (zero past row
-    T): what the attention's softmax backward reads, and — since this node is created after the attention's M V —
-    the first gradient to reach M, so autograd adds the M V one into it in place instead of summing the two into a
-    third tensor (`eq3_bracket(..., token_major=True)`; ~0.5 ms a layer at 16×16 on the toy UNet, 2-core CPU).
-    On the toy preset's training step (2-core CPU) the token-major layout, the row maxima of `_row_max` and the
-    token-major gradient took the loss's forward + backward from 25.5 to ~19 ms (benchmarks/hola_overhead.py, README).
-
-    Why not plain autograd: (A − h)² and its mean make a full-size temporary each and autograd keeps one more for
-    backward; on the toy UNet (8 heads × 77 tokens per cell against 32–128 feature channels) that made the loss
-    cost a fifth of the whole training step, and a rescaled copy y = r·m (with amax's backward) another tenth.
-    Here the forward reads A twice and keeps nothing new: r is a per-column scale, so Σ_p y_j² = r_j² Σ_p m_j²
-    and ȳ = A·(r S/n)ᵀ; the cross term needs no pass of its own, since Σ_{j∈i} Σ_p y_j h_i = n_i Σ_p ȳ_i h_i.
-    The backward writes the gradient once:
-
-        ∂tok_i/∂y_j = 2 (y_j − h_i),   ∂grp_i/∂y_j = (2/n_i)(ȳ_i − h_i)      for j ∈ [s_i, e_i), 0 elsewhere
-        => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
-        ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
-
-    i.e. the per-group Z (B, heads, G, P) routed to the tokens, by one row gather (`index_select`) for raw maps or
-    by one matmul with S scaled by r when rescaled (a gather would need a second pass to scale), plus one fused
-    multiply-add; the rescaling's Σ_p Z_i m_j is the matmul Z Aᵀ (one read of the maps).
-    The expanded form Σ y² − 2 Σ y h + Σ h² is exact in float32 for maps and masks in [0, 1] (errors ~1e-7 of the
-    pixel count).
-    """
-
-    @staticmethod
-    def forward(ctx, h, S, n, normalize, area, eps, *maps):
-        B, G, T = S.shape
-        if not maps:
-            raise ValueError("Eq3Bracket needs at least one layer of maps (B, heads, T, P)")
-        n1 = n.clamp_min(1)
-        Sn = (S / n1[..., None]).unsqueeze(1)                                                   # (B,1,G,T)
-        if normalize == "sum":
-            if area is None:
-                raise ValueError("Eq3Bracket(normalize='sum') needs area (B, G): Σ_p h_i per group")
-            target = torch.einsum("bgt,bg->bt", S, area)[:, None]                              # Σ_p h_i of j's group
-        elif normalize not in ("none", "max"):
-            raise ValueError(f"normalize={normalize!r}: choose one of {_CHOICES['normalize']}")
-        a2, m_bar, r, live, top, mass = [], [], [], [], [], []
-        for m in maps:   # per layer, on the token-major view At (B, heads, T, P): each map m_j a row
-            At = _token_rows(m, T, h.dtype)
-            a2.append(torch.linalg.vector_norm(At, dim=-1).square_())                            # Σ_p m_j²  (B,h,T)
-            if normalize == "none":
-                m_bar.append(Sn @ At)                                                           # ȳ_i = m̄_i (B,h,G,P)
-                continue
-            if normalize == "max":
-                peak, i = _row_max(At)                                                          # (B,h,T)
-                top.append(i)
-            else:
-                peak = At.sum(-1)
-                mass.append(peak)
-            live.append(peak > eps)
-            r.append((1 if normalize == "max" else target) / peak.clamp_min(eps))
-            m_bar.append((Sn * r[-1][..., None, :]) @ At)                                       # ȳ_i (B,h,G,P)
-        a2, m_bar = torch.cat(a2, 1), torch.cat(m_bar, 1)
-        cat = lambda xs: torch.cat(xs, 1) if xs else None                                      # noqa: E731
-        r, live, top, mass = cat(r), cat(live), cat(top), cat(mass)
-        h1 = h.unsqueeze(1)                                                                     # (B,1,G,P)
-        d = m_bar.sub_(h1)                                                                      # ȳ_i − h_i
-        grp = torch.linalg.vecdot(d, d)                                                         # ‖ȳ_i − h_i‖²
-        hh = torch.linalg.vecdot(h, h)                                                          # Σ_p h_i²
-        cross = torch.linalg.vecdot(d, h1) + hh[:, None]                                        # Σ_p ȳ_i h_i
-        y2 = a2 if r is None else a2 * r * r                                                    # Σ_p y_j²
-        # Σ_j ‖y_j − h_i‖² = Σ_j Σ_p y_j² − 2 n_i Σ_p ȳ_i h_i + n_i Σ_p h_i²
-        tok = torch.einsum("bht,bgt->bhg", y2, S) - 2 * n[:, None] * cross + (n * hh)[:, None]
-        ctx.normalize = normalize
-        ctx.save_for_backward(d, h, S, n1, r, live, top, a2, mass, *maps)
-        return tok, grp
-
-    @staticmethod
-    def backward(ctx, g_tok, g_grp):
-        d, h, S, n1, r, live, top, a2, mass, *maps = ctx.saved_tensors
-        none = (None,) * 6
-        if not any(ctx.needs_input_grad[6:]):
-            return none + (None,) * len(maps)
-        B, G, T = S.shape
-        h1 = h.unsqueeze(1)
-        c = torch.einsum("bhg,bgt->bht", 2 * g_tok, S)    # 2 g_tok of each token's group
-        S4 = S[:, None]
-        # Raw maps: routing Z_i to the tokens of group i is a row gather (each token in at most one group; tokens in
-        # none, and the columns past T, read an all-zero row G): one index_select writes the whole gradient.
-        group = torch.where(S.any(1), S.argmax(1), G) if r is None else None                    # (B,T)
-        out, at = [], 0
-        for m in maps:   # layer by layer, each gradient written once into its full-width, token-major tensor
-            k = slice(at, at + m.shape[1])
-            at = k.stop
-            hk, Tm, P = m.shape[1], m.shape[2], m.shape[3]
-            Z = (2 * g_grp[:, k] / n1[:, None])[..., None] * d[:, k] - (2 * g_tok[:, k])[..., None] * h1
-            At = _token_rows(m, T, h.dtype)
-            if r is None:                                 # g_j = Z_i + 2 g_tok · m_j: Z_i by one row gather
-                Zp = torch.cat([Z, Z.new_zeros(B, hk, 1, P)], 2)                               # row G: zeros
-                first = (G + 1) * torch.arange(B * hk, device=m.device).view(B, hk, 1)          # row 0 of each (b, h)
-                rows = F.pad(group, (0, Tm - T), value=G)[:, None] + first                      # (B,h,T')
-                full = Zp.view(-1, P).index_select(0, rows.view(-1)).view(B, hk, Tm, P)        # Z_i of j's group
-                full[:, :, :T].addcmul_(At, c[:, k, :, None])
-            else:
-                # g_j = Z_i + c r m_j;  Σ_p g_j m_j = Σ_p Z_i m_j + c r Σ_p m_j²;
-                # ∂L/∂m_j = r g_j + (Σ_p g_j m_j) ∂r_j/∂m_j
-                rk, ck = r[:, k], c[:, k]
-                through_r = ((Z @ At.transpose(-1, -2)) * S4).sum(2) + ck * rk * a2[:, k]             # (B,h,T)
-                full = Z.new_empty(B, hk, Tm, P)
-                g = torch.matmul((S4 * rk[:, :, None]).transpose(-1, -2), Z, out=full[:, :, :T])   # r_j Z_i
-                full[:, :, T:] = 0
-                g.addcmul_(At, (ck * rk * rk)[..., None])                                       # + r² c m_j
-                if ctx.normalize == "max":                # ∂r_j/∂m_j = −r_j² at the argmax
-                    g.scatter_add_(-1, top[:, k, :, None], (-(rk * rk) * through_r * live[:, k])[..., None])
-                else:                                     # ∂r_j/∂m_j = −r_j / Σ_p m_j
-                    g.sub_((rk / mass[:, k].clamp_min(1e-30) * through_r * live[:, k])[..., None])
-            out.append(full.to(m.dtype))                  # (B, heads, T', P), M^T's layout
-        return none + tuple(out)
-
-
-def eq3_bracket(maps: "torch.Tensor | Sequence[torch.Tensor]", h: torch.Tensor, S: torch.Tensor, n: torch.Tensor,
-                normalize: str = "none", area: torch.Tensor | None = None, eps: float = 1e-6,
-                token_major: bool = False):
-    """`Eq3Bracket` on one layer of maps (B, heads, P, T') or a list of layers: (tok, grp), each (B, Σ heads, G).
-    token_major: the maps are given as M^T, (B, heads, T', P)."""
-    layers = [maps] if isinstance(maps, torch.Tensor) else list(maps)
-    return Eq3Bracket.apply(h, S, n, normalize, area, eps,
-                            *(x if token_major else x.transpose(-1, -2) for x in layers))
 
 
 def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, area: torch.Tensor | None = None,
@@ -491,18 +242,48 @@ def normalize_maps(A: torch.Tensor, mode: str, S: torch.Tensor | None = None, ar
     raise ValueError(f"normalize={mode!r}: choose one of {_CHOICES['normalize']}")
 
 
+def eq3_bracket(layers: Sequence[torch.Tensor], h: torch.Tensor, S: torch.Tensor, n: torch.Tensor,
+                normalize: str = "none", area: torch.Tensor | None = None,
+                eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms inside Eq. 3's bracket, per sample, layer-head and group, summed over pixels: the reference.
+
+        tok_i = Σ_{j∈[s_i,e_i)} ‖y_j − h_i‖²        grp_i = ‖ȳ_i − h_i‖²,   ȳ_i = 1/(e_i−s_i) Σ_{j∈[s_i,e_i)} y_j
+        y_j = m_j, rescaled as `normalize_maps` says
+
+    layers: the maps m, one (B, heads, P, T') tensor per layer, of which the first T = S.shape[-1] tokens are read;
+    h (B, G, P) the masks h_i; S (B, G, T) with S[b,i,j] = 1 when token j is in group i (each token in at most one
+    group); n (B, G) = e_i − s_i; area (B, G) = Σ_p h_i (for "sum"). Returns (tok, grp), each (B, Σ heads, G).
+    `cosmiclite.hola_fused.fused_eq3_bracket` computes the same in fewer passes over the maps (what training
+    uses; tests/test_hola.py checks both agree in value and gradient).
+    """
+    T = S.shape[-1]
+    S = S.to(h.dtype)
+    h_j = torch.einsum("bgt,bgp->btp", S, h)[:, None]                 # (B,1,T,P) the mask h_i of token j's group
+    tok, grp = [], []
+    for m in layers:
+        y = normalize_maps(m[..., :T].to(h.dtype), normalize, S, area, eps).mT        # y_j as rows: (B,H,T,P)
+        tok.append(torch.einsum("bhtp,bgt->bhg", (y - h_j) ** 2, S))                  # Σ_j ‖y_j − h_i‖²
+        y_bar = (S / n.clamp_min(1)[..., None])[:, None] @ y                          # ȳ_i: (B,H,G,P)
+        grp.append(((y_bar - h[:, None]) ** 2).sum(-1))                              # ‖ȳ_i − h_i‖²
+    return torch.cat(tok, 1), torch.cat(grp, 1)
+
+
+Bracket = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+
 def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
                config: HolaConfig | None = None, *, image_size: int | None = None,
-               keep: torch.Tensor | None = None, token_major: bool = False) -> HolaTerms:
+               keep: torch.Tensor | None = None, bracket: Bracket = eq3_bracket) -> HolaTerms:
     """Eq. 3 over a batch, vectorised, computed in float32 (float64 if the maps are float64).
 
-    maps:    {side: (B, heads, side*side, T)} softmax cross-attention maps, or a list of them per layer,
-             or stacked (L, B, heads, side*side, T); with token_major, M^T: (B, heads, T, side*side) and so on,
-             as `TrainingStore.token_major_maps()` hands them (training's path: see `Eq3Bracket` for why).
+    maps:    {side: (B, heads, side*side, T)} softmax cross-attention maps M, a list of them per layer, or
+             stacked (L, B, heads, side*side, T): what `TrainingStore.maps()` hands over.
     spans:   (B, G, 2) token spans [s_i, e_i) of the G mask groups (−1 where a group is absent).
     masks:   {side: (B, G, side, side)} semantic masks h_i in [0, 1].
     present: (B, G) bool, group i is visible in the image.
     keep:    (B,) bool, samples whose HOLA term counts (from `HolaConfig.sample_keep`); None = all.
+    bracket: how Eq. 3's bracket is computed: `eq3_bracket` (the formula as written) or
+             `cosmiclite.hola_fused.fused_eq3_bracket` (the same values and gradients, fewer passes: training's).
     """
     cfg = config or HolaConfig()
     if not maps:
@@ -511,26 +292,20 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     if present.shape != (B, G):
         raise ValueError(f"present must be (B, G) = {(B, G)} like spans, got {tuple(present.shape)}")
     sides = cfg.sides(list(maps), image_size)
-
-    def rows(res: int) -> list[torch.Tensor]:   # each layer as M^T (B, heads, T, P), the layout Eq3Bracket reads
-        layers = _layers(maps[res], res, token_major)
-        return layers if token_major else [x.transpose(-1, -2) for x in layers]
-
-    first = rows(sides[0])[0]
-    T, device = first.shape[2], first.device
+    first = _layers(maps[sides[0]], sides[0])[0]
+    T, device = first.shape[3], first.device
     dtype = torch.promote_types(first.dtype, torch.float32)   # fp16/bf16 maps: the loss in fp32
     W = token_membership(spans.to(device), T)                          # (B,G,T)
     if (W.sum(1) > 1).any():
         raise ValueError("spans overlap: a token belongs to two groups; group spans must be disjoint")
     ok = present.to(device).bool() & W.any(-1)                         # group in caption and image
-    # Only tokens up to the last span end can get a gradient: the maps are sliced there (captions fill ~half
-    # of the 77 tokens), which spares the loss's passes over the padding columns (a view, no copy).
+    # Only tokens up to the last span end can get a gradient: the maps are read up to there (captions fill ~half
+    # of the 77 tokens), which spares the loss's passes over the padding columns.
     used = W.any(1).any(0).nonzero()
     Tc = int(used.max()) + 1 if len(used) else 1
     W = W[..., :Tc]
     if keep is not None:
         ok = ok & keep.to(device).bool()[:, None]
-    ok = ok & ~_skipped(cfg, G, device)
 
     per_sample_sum = torch.zeros(B, dtype=dtype, device=device)        # Σ over (layer, head) entries
     per_sample_cnt = torch.zeros(B, dtype=dtype, device=device)
@@ -538,9 +313,9 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
     tok_cnt = grp_cnt = 0.0
     n_groups = 0
     for res in sides:
-        layers = rows(res)
+        layers = _layers(maps[res], res)
         P = res * res
-        h = _targets(masks, res, cfg).to(device, dtype)
+        h = _masks_at(masks, res, cfg.mask_resize).to(device, dtype)
         if h.shape != (B, G, res, res):
             raise ValueError(f"masks[{res}] must be (B, G, {res}, {res}) = {(B, G, res, res)}, got {tuple(h.shape)}")
         h = h.reshape(B, G, P)
@@ -552,27 +327,23 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
         has = (N > 0).to(dtype)                                        # (B,)
         n_groups += int(valid.sum())
         vmask = valid.to(dtype)[:, None]                               # (B,1,G)
-        if cfg.heads == "mean":
-            layers = [x[:, :, :Tc].mean(1, keepdim=True) for x in layers]
-        # Eq. 3's bracket per (sample, layer-head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, with
-        # each m_j first rescaled as cfg.normalize says (per layer, head, token; folded into Eq3Bracket, the
-        # same scale as `normalize_maps`). Every layer of this resolution in one call, their heads side by side
-        # (each (sample, layer, head) entry is reduced alike); only the first Tc token columns are read.
-        e_tok, e_grp = eq3_bracket(layers, h, S, n, cfg.normalize, area, cfg.eps,   # (B,H,G) each, H = Σ heads
-                                   token_major=True)
+        if cfg.heads == "mean":   # averaged in the maps' own memory layout (mT: M^T as the capture stores it)
+            layers = [x.mT[:, :, :Tc].mean(1, keepdim=True).mT for x in layers]
+        # Eq. 3's bracket per (sample, layer-head, group): Σ_j ‖m_j − h_i‖² and ‖m̄_i − h_i‖², pixel sums, each m_j
+        # first rescaled as cfg.normalize says; every layer of this resolution in one call, heads side by side.
+        e_tok, e_grp = bracket(layers, h, S, n, cfg.normalize, area, cfg.eps)   # (B,H,G) each, H = Σ heads
         H = e_tok.shape[1]
         if cfg.pixel_reduction == "mean":                              # ‖·‖² averaged over pixels (an MSE)
             e_tok, e_grp = e_tok / P, e_grp / P
         e_tok, e_grp = e_tok * vmask, e_grp * vmask
 
-        w = cfg.token_weight                                           # Eq. 3's first term, weighted (1: as written)
         if cfg.weighting == "pooled":        # CosmicMan: one mean over all token and group-mean maps
-            per_bh = (w * e_tok.sum(-1) + e_grp.sum(-1)) / (w * n.sum(-1) + N).clamp_min(1)[:, None]
+            per_bh = (e_tok.sum(-1) + e_grp.sum(-1)) / (n.sum(-1) + N).clamp_min(1)[:, None]
         else:
-            bracket = w * e_tok + e_grp                                # Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²
+            bracket_i = e_tok + e_grp                                  # Σ_j ‖m_j−h_i‖² + ‖m̄_i−h_i‖²
             if cfg.weighting == "group":
-                bracket = bracket / (w * n + 1)[:, None]
-            per_bh = bracket.sum(-1) / N.clamp_min(1)[:, None]         # 1/N Σ_i
+                bracket_i = bracket_i / (n + 1)[:, None]
+            per_bh = bracket_i.sum(-1) / N.clamp_min(1)[:, None]       # 1/N Σ_i
         per_sample_sum = per_sample_sum + per_bh.sum(1) * has
         per_sample_cnt = per_sample_cnt + H * has
         tok_sum = tok_sum + e_tok.sum()
@@ -592,13 +363,12 @@ def hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor
 
 def hola_loss(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tensor], present: torch.Tensor,
               config: HolaConfig | None = None, *, image_size: int | None = None,
-              keep: torch.Tensor | None = None, token_major: bool = False) -> torch.Tensor:
+              keep: torch.Tensor | None = None, bracket: Bracket = eq3_bracket) -> torch.Tensor:
     """L_HOLA (Eq. 3) as a scalar; see `hola_terms` for the arguments."""
-    return hola_terms(maps, spans, masks, present, config, image_size=image_size, keep=keep,
-                      token_major=token_major).loss
+    return hola_terms(maps, spans, masks, present, config, image_size=image_size, keep=keep, bracket=bracket).loss
 
 
-def daring_loss(noise_loss: torch.Tensor, hola: torch.Tensor, config: HolaConfig) -> torch.Tensor:
+def daring_loss(noise_loss: torch.Tensor, hola: torch.Tensor | float, config: HolaConfig) -> torch.Tensor:
     """Eq. 4: L = α · L_noise + β · L_HOLA."""
     return config.alpha * noise_loss + config.beta * hola
 
@@ -615,10 +385,10 @@ def _sample_maps(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.Tens
         layers = [x.mean(1, keepdim=True) for x in layers]
     A = torch.cat([x[0] for x in layers])                             # (LH, P, T)
     T, P, G = A.shape[-1], res * res, spans.shape[1]
-    h = _targets(masks, res, cfg)[sample].float().reshape(G, P)
+    h = _masks_at(masks, res, cfg.mask_resize)[sample].float().reshape(G, P)
     area = h.sum(-1)
     W = token_membership(spans[sample:sample + 1], T)[0]              # (G, T)
-    valid = present[sample].bool() & W.any(-1) & ~_skipped(cfg, G, W.device)
+    valid = present[sample].bool() & W.any(-1)
     if cfg.empty_masks == "skip":
         valid = valid & (area > cfg.eps)
     S = (W & valid[:, None]).float()
@@ -679,7 +449,6 @@ def fit_maps_to_masks(spans: torch.Tensor, masks: Mapping[int, torch.Tensor], pr
     opt = torch.optim.Adam([logits], lr=lr)
     initial = {res: logits.detach().softmax(-1)}
     losses = []
-    from tqdm.auto import tqdm
     for _ in tqdm(range(steps), desc="descent on L_HOLA", leave=False):
         loss = hola_loss({res: logits.softmax(-1)}, spans, masks, present, cfg)
         opt.zero_grad()
@@ -700,8 +469,7 @@ def plot_hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.T
     weak (None: each panel on its own scale); with normalize "max"/"sum" the maps are drawn rescaled, as compared.
     Returns the matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt   # lazy: matplotlib only for the figure
 
     cfg = config or HolaConfig(resolutions="all")
     res = res if res is not None else max(maps)

@@ -99,47 +99,12 @@ def test_gradient_flows_from_map_loss_into_lora_of_to_q_and_to_k():
     assert any(n.startswith("down_blocks.0") for n in hit)
 
 
-def test_local_gradient_trains_the_layers_own_query_and_key_only():
-    """local=True: the same maps, but a loss on them reaches each layer's W_q/W_k LoRA and nothing below (HolaConfig
-    gradient="local"); those LoRA gradients equal autograd's through Softmax(K (W_q x.detach())^T) recomputed."""
-    from peft import LoraConfig
-    net = models.build_unet("tiny-sd15", seed=1)
-    net.requires_grad_(False)
-    net.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights="gaussian"))
-    x, c = _inputs(batch=2)
-    w = torch.randn(2, 2, 64, 77, generator=torch.Generator().manual_seed(3))
-    inputs = {}
-    mod = net.mid_block.attentions[0].transformer_blocks[0].attn2
-    hook = mod.register_forward_pre_hook(lambda m, a, k: inputs.update(hs=a[0].detach()), with_kwargs=True)
-    got = {}
-    for local in (False, True):
-        net.zero_grad()
-        with A.capture_cross_attention(net, "training", resolutions=(8,), local=local) as store:
-            out = net(x, 10, c).sample
-            (M,) = store.maps()[8]
-        (M * w).sum().backward()
-        got[local] = (M.detach(), out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()
-                                                 if p.grad is not None and p.grad.abs().sum() > 0})
-    hook.remove()
-    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])  # same forward
-    full, local = set(got[False][2]), set(got[True][2])
-    assert any(n.startswith("down_blocks") for n in full)                  # full: reaches the layers below
-    assert local and all(n.startswith("mid_block") and ".attn2.to_" in n for n in local)
-    net.zero_grad()                                                          # the reference: a recomputation
-    hs = inputs["hs"]
-    q = mod.to_q(hs).view(2, 64, mod.heads, -1).transpose(1, 2)
-    k = mod.to_k(c).view(2, 77, mod.heads, -1).transpose(1, 2)
-    (torch.softmax(q @ k.transpose(-1, -2) * mod.scale, -1) * w).sum().backward()
-    for n in local:
-        torch.testing.assert_close(got[True][2][n], net.get_parameter(n).grad, rtol=1e-4, atol=1e-6)
-
-
-def test_cfg_keeps_only_the_conditional_half(unet):
+def test_guidance_batch_keeps_only_the_conditional_half(unet):
     x, c = _inputs(batch=1, seed=1)
     _, uncond = _inputs(batch=1, seed=2)
     with torch.no_grad():
         stock = unet(torch.cat([x, x]), 10, torch.cat([uncond, c])).sample
-        with A.capture_cross_attention(unet, "inference", cfg=True) as both:
+        with A.capture_cross_attention(unet, "inference", guidance_batch=True) as both:
             split = unet(torch.cat([x, x]), 10, torch.cat([uncond, c])).sample  # diffusers' order: [uncond, cond]
         torch.testing.assert_close(split, stock, rtol=1e-4, atol=1e-5)  # SDPA half + eager half = stock
         with A.capture_cross_attention(unet, "inference") as cond_only:
@@ -215,7 +180,7 @@ def test_sdxl_unet_maps_over_77_tokens():
     net = models.build_unet("tiny-sdxl", seed=0).eval()  # cross-attention at 8x8 and 4x4 of a 16x16 latent
     x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
     added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
-    with torch.no_grad(), A.capture_cross_attention(net, "inference", resolutions=(4, 8), cfg=True) as s:
+    with torch.no_grad(), A.capture_cross_attention(net, "inference", resolutions=(4, 8), guidance_batch=True) as s:
         net(x, 10, c, added_cond_kwargs=added)
     maps = s.token_maps()
     assert set(maps) == {4, 8} and maps[8].shape == (1, 1, 77, 8, 8)

@@ -17,7 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cosmiclite.hola import daring_loss, hola_terms
 from cosmiclite.train import ConfigError, Trainer, export_lora, latest_checkpoint, load_config
+from cosmiclite.train.data import DROP, per_sample_rand
 
 
 def tiny(out, **changes) -> dict:
@@ -42,13 +44,13 @@ def lora_run(tmp_path_factory):
     """One in-process 4-step LoRA + HOLA run, and the losses on a fixed batch before and after it."""
     out = tmp_path_factory.mktemp("lora_run")
     trainer = Trainer(load_config(tiny(out)))
-    trainer.data.prepare(trainer)
+    trainer.prepare_data()
     batch = trainer.data.batch(0)                       # the same samples, noise and t each time
     with torch.no_grad():
-        before = {k: float(v) for k, v in trainer.unet_loss(batch).items()}
+        before = {k: float(v) for k, v in trainer.daring_step(batch).items()}
     result = trainer.run()
     with torch.no_grad():
-        after = {k: float(v) for k, v in trainer.unet_loss(batch).items()}
+        after = {k: float(v) for k, v in trainer.daring_step(batch).items()}
     return out, before, after, result
 
 
@@ -153,49 +155,28 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_hola_gradients_flow_with_gradient_checkpointing(tmp_path):
     trainer = Trainer(load_config(tiny(tmp_path, **{"run.gradient_checkpointing": True, "hola.alpha": 0.0,
                                                      "hola.drop_prob": 0.0})))
-    trainer.data.prepare(trainer)
-    out = trainer.unet_loss(trainer.data.batch(0))
+    trainer.prepare_data()
+    out = trainer.daring_step(trainer.data.batch(0))
     out["loss"].backward()                               # HOLA alone (alpha = 0): its gradient must reach LoRA
     grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
     assert out["hola_loss"] > 0 and grads and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_hola_gradient_local_reaches_only_the_captured_layers_query_and_key(tmp_path):
-    """hola.gradient: local in a training run: HOLA alone (alpha = 0) trains the LoRA of the attn2 layers at the
-    HOLA resolution's to_q/to_k, nothing else; the default ("full") reaches further down the UNet."""
-    def hit(**changes):
-        trainer = Trainer(load_config(tiny(tmp_path / str(changes), **{"hola.alpha": 0.0, "hola.drop_prob": 0.0,
-                                                                         "hola.resolutions": [8], **changes})))
-        trainer.data.prepare(trainer)
-        trainer.unet_loss(trainer.data.batch(0))["loss"].backward()
-        return {n for n, p in trainer.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-
-    local, full = hit(**{"hola.gradient": "local"}), hit()
-    assert local and all(".attn2.to_q." in n or ".attn2.to_k." in n for n in local)
-    assert local < full and any(".attn1." in n or ".to_v." in n for n in full)
-    with pytest.raises(ConfigError, match="gradient"):
-        load_config(tiny(tmp_path, **{"hola.gradient": "partly"}))
-
-
-def test_hola_t_range_gates_samples_by_timestep(tmp_path):
-    def losses(name, **changes):
-        trainer = Trainer(load_config(tiny(tmp_path / name, **{"hola.drop_prob": 0.0, **changes})))
-        trainer.data.prepare(trainer)
-        with torch.no_grad():
-            return {k: float(v) for k, v in trainer.unet_loss(trainer.data.batch(0)).items()}
-
-    every = losses("every")
-    assert every["hola_loss"] > 0
-    assert losses("all", **{"hola.t_range": [0, 1000]}) == every   # every t of the 1000-step schedule is inside
-    gated = losses("none", **{"hola.t_range": [0, 1]})              # no sample of the batch has t = 0
-    assert gated["hola_loss"] == 0.0 and gated["noise_loss"] == every["noise_loss"]
-    with pytest.raises(ConfigError, match="t_range"):
-        load_config(tiny(tmp_path, **{"hola.t_range": [500, 100]}))
-
-
-def _image(pipe):
-    return pipe("a full-body shot, a woman, red t-shirt", num_inference_steps=2, guidance_scale=1.0, height=32,
-                width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+def test_daring_step_is_the_loss_notebook_05_computes(tmp_path):
+    """Training's step is Eq. 4 as notebook 05 computes it by hand: hola_terms on the captured maps (the reference
+    bracket here, the fused one in training) for the samples HolaConfig.sample_keep keeps, then daring_loss."""
+    cfg = load_config(tiny(tmp_path, **{"hola.drop_prob": 0.5, "hola.beta": 0.7, "run.batch_size": 4}))
+    trainer = Trainer(cfg)
+    trainer.prepare_data()
+    batch = trainer.data.batch(0)
+    with torch.no_grad():
+        out = trainer.daring_step(batch)
+        keep = cfg.hola.sample_keep(4, uniforms=per_sample_rand(cfg.seed, batch["pos"], DROP))
+        assert 0 < int(keep.sum()) < 4                   # this batch drops some samples' HOLA term, not all
+        terms = hola_terms(trainer.store.maps(), batch["spans"], batch["masks"], batch["present"], cfg.hola,
+                           image_size=cfg.data.image_size, keep=keep)
+    torch.testing.assert_close(out["hola_loss"], terms.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss"], daring_loss(out["noise_loss"], terms.loss, cfg.hola), rtol=1e-5, atol=0)
 
 
 def test_lora_loads_in_stock_pipeline_and_kohya_export(lora_run, tmp_path):
