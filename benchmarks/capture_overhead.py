@@ -2,7 +2,7 @@
 
 Same UNet weights, same inputs, same timesteps, measured in one run: a denoising loop of `steps` UNet calls
 on a classifier-free-guidance batch ([uncond, cond], batch 2) without capture, and the same loop inside
-`capture_cross_attention(unet, "inference", cfg=True, spans=...)` at its default resolutions (what
+`capture_cross_attention(unet, "inference", guidance_batch=True, spans=...)` at its default resolutions (what
 `generate_with_attention` does). The two variants run on twin copies of the UNet and alternate step by step
 (which goes first flips every step), so load from other processes on the machine hits both alike.
 
@@ -60,7 +60,7 @@ def measure(arch: str, latent: int, steps: int, reps: int, device: torch.device,
                     unet(x, t, c)
                 _sync(device)
                 return None
-            with capture_cross_attention(unet, "inference", cfg=True, spans=SPANS) as store:
+            with capture_cross_attention(unet, "inference", guidance_batch=True, spans=SPANS) as store:
                 for t in timesteps:
                     unet(x, t, c)
             _sync(device)
@@ -78,7 +78,7 @@ def measure(arch: str, latent: int, steps: int, reps: int, device: torch.device,
         out["peak_bytes_base"], out["peak_bytes_capture"] = max(peaks[False]), max(peaks[True])
         out["memory_ratio"] = round(out["peak_bytes_capture"] / out["peak_bytes_base"], 4)
     store = run(True)
-    with torch.no_grad(), capture_cross_attention(unet, "training", cfg=True) as every:  # keeps every map
+    with torch.no_grad(), capture_cross_attention(unet, "training", guidance_batch=True) as every:  # keeps every map
         unet(x, timesteps[0], c)
         full = sum(m.numel() * 4 for ms in every.maps().values() for m in ms)  # as fp32, one forward
 
@@ -92,7 +92,7 @@ def measure(arch: str, latent: int, steps: int, reps: int, device: torch.device,
     base_runs, cap_runs, step_ratios, wall = [], [], [], {False: 0.0, True: 0.0}
     for r in range(reps):
         tb = tc = 0.0
-        with torch.no_grad(), capture_cross_attention(twin, "inference", cfg=True, spans=SPANS):
+        with torch.no_grad(), capture_cross_attention(twin, "inference", guidance_batch=True, spans=SPANS):
             for i, t in enumerate(timesteps):
                 pair = {}
                 for captured in ((False, True) if (r + i) % 2 == 0 else (True, False)):
@@ -106,7 +106,7 @@ def measure(arch: str, latent: int, steps: int, reps: int, device: torch.device,
         base_runs.append(tb)
         cap_runs.append(tc)
     run_ratios = [c_ / b_ for b_, c_ in zip(base_runs, cap_runs)]
-    del twin, unet
+    twin = unet = None
     out.update({
         "arch": arch, "latent": latent, "image_px": latent * architecture(arch).image_size
         // architecture(arch).unet["sample_size"], "resolutions": list(store.resolutions), "steps": steps,

@@ -8,7 +8,7 @@ anyway, tokenizing its captions? Three ways over the same captions, same run, sa
   free_text  discretize_text_batch(texts)     the same captions as free text: lexicon + offsets
 
 ratio = captions/s of a discretizer / captions/s of bare tokenization (>= 1.0 and >= 0.5 are the
-targets of issue 3). `ratio` is steady state: the discretizer's caches (phrase ids, pre-token ids,
+targets set when it was written). `ratio` is steady state: the discretizer's caches (phrase ids, pre-token ids,
 clause groups) are warmed on other captions of the same distribution, then each way runs `rounds`
 passes over the same captions and the median pass counts, so from the second pass on the caches have
 seen these captions (as in a training run, which sees its captions epoch after epoch). `ratio_cold` is

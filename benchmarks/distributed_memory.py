@@ -1,4 +1,4 @@
-"""Peak memory and step time of the full fine-tune under each accelerate config (issue 7), measured.
+"""Peak memory and step time of the full fine-tune under each accelerate config, measured.
 
 CUDA (the acceptance run): the SD 1.5-sized UNet (cosmiclite.models "sd15", random weights; text encoder and VAE
 frozen) trains `--steps` optimizer steps with HOLA at 512 px, batch 1, bf16, gradient checkpointing, launched by

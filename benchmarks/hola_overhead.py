@@ -191,7 +191,7 @@ def lora_hola_batch1_peak(arch: str, image_px: int, device, hola: HolaConfig) ->
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             enc(ids)
-            vae.encode(px).latent_dist.mean
+            _ = vae.encode(px).latent_dist.mean
         with s.capture() as store:
             s.step(store)
         torch.cuda.synchronize()

@@ -38,6 +38,7 @@ text cross-attention only); training with gradient checkpointing records maps ag
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 Span = tuple[int, int]
 
@@ -457,8 +460,6 @@ class AttentionResult:
 
     def save(self, path: str | Path, per_token: bool = True) -> Path:
         """Write the maps as safetensors; prompt, tokens, groups and meta go in the header's metadata (JSON)."""
-        import json
-        from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"prompt": self.prompt, "tokens": json.dumps(self.tokens),
@@ -470,8 +471,6 @@ class AttentionResult:
     @classmethod
     def load(cls, path: str | Path) -> "AttentionResult":
         """Read a file written by `save`."""
-        import json
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             md = f.metadata() or {}
             if md.get("format") != "cosmiclite.attention/1":

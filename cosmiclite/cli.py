@@ -179,9 +179,9 @@ def cmd_generate(args) -> int:
 # --- train-judge -----------------------------------------------------------------------------------------
 def cmd_train_judge(args) -> int:
     """Train the toy world's attribute judge (Sec. 5.1) and record its held-out accuracy."""
-    from .judge import JUDGE_WEIGHTS, Augment, TrainConfig, train_judge, vae_reconstructor
+    from .judge import JUDGE_WEIGHTS, Augment, JudgeTrainConfig, train_judge, vae_reconstructor
 
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
+    cfg = JudgeTrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
                       seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,
                       vae_pool=args.vae_pool, parse_stride=args.parse_stride, fine_blocks=args.fine_blocks,
                       device=args.device, workers=args.workers)
@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML training config (presets in configs/)")
     s.add_argument("--max-steps", type=int, default=None, help="override run.max_steps")
     s.add_argument("--output", default=None, help="run folder (default: the config's `output`)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set run.batch_size=8 (YAML value syntax)")
     s.set_defaults(run=cmd_train)

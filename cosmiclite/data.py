@@ -141,39 +141,37 @@ def write_imagefolder(records: Iterable, out: str | Path, *, label_set: str = "a
     return out
 
 
-def read_metadata(root: str | Path, *, strict: bool = False) -> tuple[list[tuple[str, dict]], ReadReport]:
-    """The rows of DIR/metadata.jsonl as (where, row) pairs, where = "DIR/metadata.jsonl:LINE"; lines that are no
-    JSON object are skipped into the report (strict: raised). The one reader of the metadata file."""
+def read_metadata(root: str | Path) -> list[tuple[str, dict | ValueError]]:
+    """The rows of DIR/metadata.jsonl in file order as (where, row), where = "DIR/metadata.jsonl:LINE"; a line that
+    is no JSON object gives its ValueError in the row's place, for the caller to skip or raise in turn. The one
+    reader of the metadata file."""
     meta = Path(root) / "metadata.jsonl"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: {root} is not an imagefolder dataset written by "
                                 "cosmiclite (make one with `cosmiclite toyworld --n 32 --out DIR`)")
-    report, rows = ReadReport(), []
+    rows: list[tuple[str, dict | ValueError]] = []
     for k, line in enumerate(meta.read_text().splitlines()):
         if not line.strip():
             continue
-        where = f"{meta}:{k + 1}"
         try:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError(f"bad data: line is a JSON {type(row).__name__}, not an object")
         except ValueError as e:
-            if strict:
-                raise ValueError(f"{where}: {_reason(e)}") from e
-            report.skip(where, _reason(e))
-            continue
-        rows.append((where, row))
-    return rows, report
+            row = e
+        rows.append((f"{meta}:{k + 1}", row))
+    return rows
 
 
 def read_imagefolder(root: str | Path, *, strict: bool = False,
                      protocol: Protocol | None = None) -> tuple[list[Record], ReadReport]:
     """Read a dataset written by `write_imagefolder` (or any imagefolder with the same metadata)."""
     root = Path(root)
-    rows, report = read_metadata(root, strict=strict)
-    records = []
-    for where, row in rows:
+    report, records = ReadReport(), []
+    for where, row in read_metadata(root):
         try:
+            if isinstance(row, ValueError):
+                raise row
             img_path = root / row["file_name"]
             image = _load_rgb(img_path)
             parsing = _load_labels(root / row["parsing_file_name"]) if row.get("parsing_file_name") else None
@@ -501,11 +499,12 @@ def dataset_card(root: str | Path, protocol: Protocol | None = None) -> dict:
     applicable"), and per category the count of each answer. Unreadable rows are counted under "skipped"."""
     protocol = protocol or load_protocol()
     root = Path(root)
-    rows, report = read_metadata(root)
     per_q: dict[str, Counter] = {q: Counter() for q in protocol.question_ids}
-    sizes, n_parsing, n_caption = [], 0, 0
-    for where, row in rows:
+    sizes, n_parsing, n_caption, report = [], 0, 0, ReadReport()
+    for where, row in read_metadata(root):
         try:
+            if isinstance(row, ValueError):
+                raise row
             with Image.open(root / row["file_name"]) as im:
                 sizes.append(im.size)
             answers = Annotation.from_dict({"answers": row.get("annotation") or {}}, protocol).answers
@@ -539,9 +538,9 @@ def dataset_card(root: str | Path, protocol: Protocol | None = None) -> dict:
 
 def plot_dataset_card(card: dict, path: str | Path) -> Path:
     """A bar chart of a `dataset_card`: attribute labels per category, split by answer (PNG, Agg)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (lazy: matplotlib only for this figure)
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     cats = [(q, v) for q, v in card["per_category"].items() if v]
     fig_h = max(3.0, 0.22 * len(cats) + 1.2)

@@ -103,7 +103,8 @@ class HolaConfig:
             object.__setattr__(self, "resolutions", r := tuple(r))
         if isinstance(r, str):
             if r != "all" and not (r.startswith("1/") and r[2:].isdigit() and int(r[2:]) > 0):
-                raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
+                raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', "
+                                 "or sides like [8, 16]")
         elif not (isinstance(r, tuple) and r and all(isinstance(x, int) and x > 0 for x in r)):
             raise ValueError(f"HolaConfig.resolutions={r!r}: use 'all', a fraction like '1/16', or sides like [8, 16]")
         if not 0.0 <= self.drop_prob <= 1.0:
@@ -469,7 +470,7 @@ def plot_hola_terms(maps: Maps, spans: torch.Tensor, masks: Mapping[int, torch.T
     weak (None: each panel on its own scale); with normalize "max"/"sum" the maps are drawn rescaled, as compared.
     Returns the matplotlib Figure.
     """
-    import matplotlib.pyplot as plt   # lazy: matplotlib only for the figure
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (lazy: matplotlib only for the figure)
 
     cfg = config or HolaConfig(resolutions="all")
     res = res if res is not None else max(maps)

@@ -30,7 +30,8 @@ def _token_rows(m: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
 def _row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, index of a maximum) along the last dimension, like `x.max(-1)` but faster on CPU.
 
-    torch's max-with-index reduction is slow on CPU (docs/results.md, Speed and memory), so the row is first folded in halves
+    torch's max-with-index reduction is slow on CPU (docs/results.md, Speed and memory), so the row is first folded
+    in halves
     with elementwise maxima (y_i = max_j x_(i + j w), w ~ √n, each fold vectorised), the winning i is found in the
     short folded row, and j among the n/w entries x_(i + j w). Ties may pick another maximum than `max` does: any is a
     valid (sub)gradient of the max.
@@ -72,7 +73,8 @@ class Eq3Bracket(torch.autograd.Function):
 
         ∂tok_i/∂y_j = 2 (y_j − h_i),   ∂grp_i/∂y_j = (2/n_i)(ȳ_i − h_i)      for j ∈ [s_i, e_i), 0 elsewhere
         => g_j := ∂L/∂y_j = 2 g_tok_i · y_j + Z_i,   Z_i = (2/n_i) g_grp_i (ȳ_i − h_i) − 2 g_tok_i h_i
-        ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,   ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
+        ∂L/∂m_j = r_j g_j + (Σ_p g_j m_j) ∂r_j/∂m_j,
+        ∂r_j/∂m_j(p) = −r_j² at p = argmax ("max"), −r_j / Σ_p m_j ("sum")
 
     i.e. the per-group Z (B, heads, G, P) routed to the tokens, by one row gather (`index_select`) for raw maps or
     by one matmul with S scaled by r when rescaled (a gather would need a second pass to scale), plus one fused

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .protocol import Annotation, Protocol, load_protocol, NOT_APPLICABLE
+from .protocol import NOT_APPLICABLE, Annotation, Protocol, load_protocol
 
 ASSETS = Path(__file__).parent / "assets"
 JUDGE_WEIGHTS = ASSETS / "judge.safetensors"
@@ -564,7 +564,7 @@ def heldout_record(judge: Judge, seeds: Iterable[int], size: int = 64) -> dict:
 
 
 @dataclass
-class TrainConfig:
+class JudgeTrainConfig:
     steps: int = 1500
     batch: int = 64
     pool: int = 12000                 # toy people rendered once (seeds from TRAIN_SEED_START), re-augmented each draw
@@ -584,7 +584,7 @@ class TrainConfig:
     workers: int = 1                  # processes rendering the pool
 
 
-def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None,
+def train_judge(cfg: JudgeTrainConfig | None = None, augment: Augment | None = None,
                 out: str | Path | None = JUDGE_WEIGHTS, command: str | None = None,
                 progress: bool = True) -> tuple[CNNJudge, dict]:
     """Train the CNN judge on toy renders (seeds TRAIN_SEED_START .. + pool), then measure it.
@@ -595,6 +595,7 @@ def train_judge(cfg: TrainConfig = TrainConfig(), augment: Augment | None = None
     averaged over heads. Then held-out accuracy on clean renders of seeds 0..eval_seeds-1; weights and
     JSON (config, command, seeds, accuracy, time) are written to `out` and beside it.
     """
+    cfg = cfg or JudgeTrainConfig()
     from tqdm.auto import tqdm
 
     torch.set_num_threads(cfg.threads)

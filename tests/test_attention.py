@@ -7,7 +7,6 @@ import torch
 from cosmiclite import attention as A
 from cosmiclite import models
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 

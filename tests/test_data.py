@@ -6,8 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cosmiclite.data import (PeopleDataset, ToyWorldDataset, collate, dataset_card, dfmm_answers, read_deepfashion_mm,
-                             read_imagefolder, read_parsed_folder, write_toyworld)
+from cosmiclite.data import (
+    PeopleDataset,
+    ToyWorldDataset,
+    collate,
+    dataset_card,
+    dfmm_answers,
+    read_deepfashion_mm,
+    read_imagefolder,
+    read_parsed_folder,
+    write_toyworld,
+)
 from cosmiclite.protocol import Annotation
 
 

@@ -5,8 +5,15 @@ import warnings
 import pytest
 
 from cosmiclite.captions import Caption, compose, random_annotation
-from cosmiclite.discretize import (Discretizer, TruncationWarning, discretize, discretize_batch, discretize_text,
-                                   discretize_text_batch, discretizer)
+from cosmiclite.discretize import (
+    Discretizer,
+    TruncationWarning,
+    discretize,
+    discretize_batch,
+    discretize_text,
+    discretize_text_batch,
+    discretizer,
+)
 from cosmiclite.protocol import Annotation
 from cosmiclite.tokenizer import clip_tokenizer, sdxl_tokenizers
 

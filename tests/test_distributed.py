@@ -1,4 +1,4 @@
-"""Data parallelism is exact (issue 7): 2 processes x batch b train like 1 process x batch 2b.
+"""Data parallelism is exact: 2 processes x batch b train like 1 process x batch 2b.
 
 Real multi-process runs on the CPU: `torchrun --nproc_per_node 2 -m cosmiclite.train` gives accelerate a gloo
 group (DistributedType.MULTI_CPU) and DDP wraps the UNet, as on a GPU node. The tiny full fine-tune has HOLA on

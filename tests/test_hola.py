@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from cosmiclite.attention import capture_cross_attention, mass_in_mask
-from cosmiclite.hola import (HolaConfig, daring_loss, eq3_bracket, fit_maps_to_masks, hola_loss, hola_table,
-                             hola_terms, normalize_maps, plot_hola_terms, token_membership)
+from cosmiclite.hola import (
+    HolaConfig,
+    daring_loss,
+    eq3_bracket,
+    fit_maps_to_masks,
+    hola_loss,
+    hola_table,
+    hola_terms,
+    plot_hola_terms,
+    token_membership,
+)
 from cosmiclite.hola_fused import _row_max, fused_eq3_bracket
 from cosmiclite.models import build_unet
 

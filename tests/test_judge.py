@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from cosmiclite import Annotation, load_protocol
-from cosmiclite.judge import (JUDGE_CONFIG, JUDGE_WEIGHTS, TRAIN_SEED_START, Augment, CNNJudge, Judge,
-                              JudgeConfig, JudgeNet, OracleJudge, as_batch, load_judge)
+from cosmiclite.judge import (
+    JUDGE_CONFIG,
+    JUDGE_WEIGHTS,
+    TRAIN_SEED_START,
+    Augment,
+    CNNJudge,
+    Judge,
+    JudgeConfig,
+    JudgeNet,
+    OracleJudge,
+    as_batch,
+    load_judge,
+)
 
 TEST_SEEDS = range(5_000_000, 5_000_200)
 
@@ -177,8 +188,8 @@ def test_bad_size_error():
 
 
 def test_fine_parse_stride_reads_regions_at_half_the_side(tmp_path):
-    from cosmiclite.judge import TrainConfig, train_judge
-    judge, info = train_judge(TrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2),
+    from cosmiclite.judge import JudgeTrainConfig, train_judge
+    judge, info = train_judge(JudgeTrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2),
                               out=tmp_path / "j.safetensors", progress=False)
     logits, parse = judge.net(torch.rand(2, 3, 64, 64))
     assert parse.shape == (2, 18, 32, 32) and judge.net.coords.shape[-1] == 32
@@ -187,9 +198,9 @@ def test_fine_parse_stride_reads_regions_at_half_the_side(tmp_path):
     x = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(again.logits(x)["wear_hat"], judge.logits(x)["wear_hat"], atol=0.05, rtol=0.05)  # fp16 file
     # a stride-4 judge continued at stride 2 is widened first and keeps its history
-    train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j4.safetensors",
+    train_judge(JudgeTrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j4.safetensors",
                 progress=False)
-    wide, info2 = train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2,
+    wide, info2 = train_judge(JudgeTrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2,
                                           init=str(tmp_path / "j4.safetensors")), out=None, progress=False)
     assert wide.cfg.parse_stride == 2 and info2["continued_from"]["train"]["steps"] == 1
 
@@ -217,17 +228,17 @@ def test_oracle_judge_is_a_judge():
 
 
 def test_train_judge_runs_and_reconstructs_only_its_vae_pool(tmp_path):
-    from cosmiclite.judge import TrainConfig, train_judge
+    from cosmiclite.judge import JudgeTrainConfig, train_judge
     seen = []
     aug = Augment(vae=lambda t: (seen.append(len(t)), 1 - t)[1], vae_p=0.5)
-    cfg = TrainConfig(steps=3, batch=8, pool=40, vae_pool=16, threads=1, eval_seeds=10)
+    cfg = JudgeTrainConfig(steps=3, batch=8, pool=40, vae_pool=16, threads=1, eval_seeds=10)
     judge, info = train_judge(cfg, aug, out=tmp_path / "j.safetensors", progress=False)
     assert seen == [16]                               # reconstructed once, only the first vae_pool people
     assert info["vae_augmented"] and info["train"]["vae_pool"] == 16
     assert np.isfinite(info["final_loss"]) and 0 <= info["heldout"]["acc_all"] <= 1
     assert json.loads((tmp_path / "j.json").read_text())["info"]["train"]["steps"] == 3
     # continuing needs the same heads
-    again, info2 = train_judge(TrainConfig(steps=1, batch=8, pool=40, threads=1, eval_seeds=10,
+    again, info2 = train_judge(JudgeTrainConfig(steps=1, batch=8, pool=40, threads=1, eval_seeds=10,
                                            init=str(tmp_path / "j.safetensors")), out=None, progress=False)
     assert info2["continued_from"]["train"]["steps"] == 3
 
@@ -255,7 +266,7 @@ def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
 
 
 def test_deeper_adds_blocks_without_changing_what_the_judge_says(judge, people, tmp_path):
-    from cosmiclite.judge import TrainConfig, deeper, train_judge
+    from cosmiclite.judge import JudgeTrainConfig, deeper, train_judge
     deep = deeper(judge)
     assert deep.cfg.fine_blocks == judge.cfg.fine_blocks + 1 and len(deep.net.refine) == deep.cfg.fine_blocks
     assert sum(p.numel() for p in deep.net.parameters()) > sum(p.numel() for p in judge.net.parameters())
@@ -270,9 +281,9 @@ def test_deeper_adds_blocks_without_changing_what_the_judge_says(judge, people, 
     # the blocks travel in judge.json; train_judge deepens an --init judge with fewer, then they learn
     deep.save(tmp_path / "d.safetensors")
     assert load_judge(tmp_path / "d.safetensors").cfg.fine_blocks == deep.cfg.fine_blocks
-    train_judge(TrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j.safetensors",
+    train_judge(JudgeTrainConfig(steps=1, batch=8, pool=24, threads=1, eval_seeds=8), out=tmp_path / "j.safetensors",
                 progress=False)
-    grown, info = train_judge(TrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, fine_blocks=2,
+    grown, info = train_judge(JudgeTrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, fine_blocks=2,
                                           init=str(tmp_path / "j.safetensors")), out=None, progress=False)
     assert grown.cfg.fine_blocks == 2 and info["continued_from"]["train"]["fine_blocks"] == 0
     assert all(b.body[-1].weight.abs().sum() > 0 for b in grown.net.refine)   # trained away from zero

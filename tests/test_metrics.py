@@ -177,6 +177,7 @@ def test_alignment_aggregates_by_group_with_area_as_the_uniform_level():
 
 def test_attention_alignment_measures_every_present_group_of_every_person():
     import torch
+
     from cosmiclite import toyworld
     from cosmiclite.masks import mask_set
     from cosmiclite.metrics import attention_alignment

@@ -4,14 +4,13 @@ import torch
 
 from cosmiclite import models
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_toy_components_build_and_forward_shapes():
     c = models.toy_components(seed=0)
     assert set(c) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    assert 3.0e6 < models.count_parameters(c["unet"]) < 3.5e6  # the ~3.2 M recipe of DESIGN.md
+    assert 3.0e6 < models.count_parameters(c["unet"]) < 3.5e6  # the ~3.2 M toy recipe
     ids = c["tokenizer"]("a woman with red hair", padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert ids.shape == (1, 77) and ids[0, 0].item() == 49406
     with torch.no_grad():
@@ -21,7 +20,7 @@ def test_toy_components_build_and_forward_shapes():
         assert latent.shape == (1, 4, 16, 16)
         assert c["vae"].decode(latent).sample.shape == (1, 3, 64, 64)
         assert c["unet"](latent, 500, text).sample.shape == (1, 4, 16, 16)
-    # DESIGN.md pitfall: DDIM must not clip samples on the toy schedule
+    # pitfall: DDIM must not clip samples on the toy schedule
     assert c["scheduler"].config.clip_sample is False
     assert type(models.training_scheduler(c["scheduler"])).__name__ == "DDPMScheduler"
 

@@ -5,8 +5,14 @@ from functools import lru_cache
 import pytest
 import regex
 
-from cosmiclite.tokenizer import (BPE_VOCAB, bytes_to_unicode, clip_tokenizer, clip_vocab_and_merges,
-                                  load_tokenizer, sdxl_tokenizers)
+from cosmiclite.tokenizer import (
+    BPE_VOCAB,
+    bytes_to_unicode,
+    clip_tokenizer,
+    clip_vocab_and_merges,
+    load_tokenizer,
+    sdxl_tokenizers,
+)
 
 # ids printed by SD 1.5's own tokenizer (openai/clip-vit-large-patch14) for these prompts
 KNOWN = {

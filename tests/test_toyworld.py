@@ -3,9 +3,34 @@ import numpy as np
 import pytest
 
 from cosmiclite.protocol import NOT_APPLICABLE, NOT_VISIBLE, Annotation
-from cosmiclite.toyworld import (BAG, BELT, COLORS, DRESS, FACE, HAIR, HAIR_COLORS, HAT, L_ARM, L_LEG, L_SHOE,
-                                 PANTS, R_ARM, R_LEG, R_SHOE, SCARF, SKIN_TONES, SKIRT, SUNGLASSES, TOP,
-                                 WORLD_ANSWERS, Sampling, SamplingError, colorize, contact_sheet, render)
+from cosmiclite.toyworld import (
+    BAG,
+    BELT,
+    COLORS,
+    DRESS,
+    FACE,
+    HAIR,
+    HAIR_COLORS,
+    HAT,
+    L_ARM,
+    L_LEG,
+    L_SHOE,
+    PANTS,
+    R_ARM,
+    R_LEG,
+    R_SHOE,
+    SCARF,
+    SKIN_TONES,
+    SKIRT,
+    SUNGLASSES,
+    TOP,
+    WORLD_ANSWERS,
+    Sampling,
+    SamplingError,
+    colorize,
+    contact_sheet,
+    render,
+)
 
 SEEDS = range(400)
 WEAR = {"wear_hat": [HAT], "wear_eyewear": [SUNGLASSES], "wear_top": [TOP], "wear_bottoms": [SKIRT, PANTS],

@@ -179,6 +179,11 @@ def test_daring_step_is_the_loss_notebook_05_computes(tmp_path):
     torch.testing.assert_close(out["loss"], daring_loss(out["noise_loss"], terms.loss, cfg.hola), rtol=1e-5, atol=0)
 
 
+def _image(pipe):
+    return pipe("a full-body shot, a woman, red t-shirt", num_inference_steps=2, guidance_scale=1.0, height=32,
+                width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+
+
 def test_lora_loads_in_stock_pipeline_and_kohya_export(lora_run, tmp_path):
     from cosmiclite.models import build_pipeline
     out, *_ = lora_run

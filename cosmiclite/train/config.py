@@ -230,7 +230,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"lora.rank={cfg.lora.rank!r}: a LoRA needs rank >= 1 (e.g. 4); "
                               "for a full fine-tune set `lora: null`")
         if not cfg.lora.targets:
-            raise ConfigError("lora.targets is empty: name the UNet modules to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
+            raise ConfigError("lora.targets is empty: name the UNet modules to adapt, "
+                              "e.g. [to_q, to_k, to_v, to_out.0]")
         if cfg.stage == "vae":
             raise ConfigError("lora is set but stage=vae trains the whole autoencoder: set `lora: null`")
     if cfg.ema is not None:
@@ -251,7 +252,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"data.mask_sizes={d.mask_sizes} lacks the HOLA resolutions {missing}")
     if cfg.optim.use_8bit_adam:
         try:
-            import bitsandbytes  # noqa: F401  (optional, CUDA only: checked here, imported by the optimizer)
+            import bitsandbytes  # noqa: F401, PLC0415  (optional, CUDA only: checked here, used by the optimizer)
         except ImportError:
             raise ConfigError("optim.use_8bit_adam is true but bitsandbytes is not installed: "
                               "`pip install bitsandbytes` (CUDA) or set optim.use_8bit_adam: false") from None
@@ -266,11 +267,12 @@ def _data_has_masks(d: DataSection) -> bool:
     if d.source == "toy":
         return True  # the toy world draws its parsing map with every person
     try:
-        rows, _ = read_metadata(Path(d.path).expanduser())
+        rows = read_metadata(Path(d.path).expanduser())
     except FileNotFoundError:
-        raise ConfigError(f"data.path={d.path!r} has no metadata.jsonl: not a dataset folder written by cosmiclite.data "
+        raise ConfigError(f"data.path={d.path!r} has no metadata.jsonl: not a dataset folder written by "
+                          "cosmiclite.data "
                           "(make one with `cosmiclite toyworld --n 1000 --out DIR`)") from None
-    return bool(rows) and all(r.get("parsing_file_name") for _, r in rows)
+    return bool(rows) and all(isinstance(r, dict) and r.get("parsing_file_name") for _, r in rows)
 
 
 def load_config(path: str | Path | Mapping, **overrides) -> TrainConfig:
@@ -280,7 +282,8 @@ def load_config(path: str | Path | Mapping, **overrides) -> TrainConfig:
     else:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (presets live in configs/, e.g. configs/toy_lora.yaml)")
+            raise ConfigError(f"config file {str(p)!r} does not exist "
+                              "(presets live in configs/, e.g. configs/toy_lora.yaml)")
         raw = yaml.safe_load(p.read_text()) or {}
     raw = json.loads(json.dumps(raw))  # a deep copy
     for key, value in overrides.items():

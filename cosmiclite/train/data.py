@@ -159,7 +159,8 @@ class TrainData:
             post = self.vae.encode(to_pixels([r[0] for r in part]).to(device, self.vae.dtype)).latent_dist
             means.append(post.mean.float().cpu())
             stds.append(post.std.float().cpu())
-            raws += [(None, ann, parsing if self.need_masks else None, label_set) for _, ann, parsing, label_set in part]
+            raws += [(None, ann, parsing if self.need_masks else None, label_set)
+                     for _, ann, parsing, label_set in part]
         return {"mean": torch.cat(means), "std": torch.cat(stds), "raw": raws}
 
     # ---- a batch

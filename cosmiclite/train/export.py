@@ -28,7 +28,7 @@ def save_lora(unet, folder: str | Path, lora: LoraSection, sdxl: bool = False) -
     """The UNet's LoRA in diffusers' format: `StableDiffusion(XL)Pipeline.load_lora_weights(folder)` reads it."""
     # lazy: diffusers' pipeline classes pull in transformers' image processors (seconds of start-up, and a
     # torchvision warning) that nothing else of a training run needs
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: PLC0415
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     meta = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.targets)}

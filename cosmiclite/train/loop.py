@@ -8,7 +8,6 @@ accumulation, the EMA, logging, checkpoints (`checkpoints`), outputs (`export`) 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import ctypes
 import json
@@ -19,15 +18,19 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
-                              ProjectConfiguration)
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+)
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -205,7 +208,7 @@ class Trainer:
         o, r = self.cfg.optim, self.cfg.run
         lr = o.lr * (global_batch(r.batch_size, self.world, r.grad_accum) if o.scale_lr else 1)
         if o.use_8bit_adam:
-            import bitsandbytes as bnb   # optional, CUDA only (check_config has checked it is installed)
+            import bitsandbytes as bnb  # noqa: PLC0415  (optional, CUDA only; check_config checked it is installed)
             opt_cls = bnb.optim.AdamW8bit
         else:
             opt_cls = torch.optim.AdamW
@@ -277,7 +280,8 @@ class Trainer:
         else:
             target = noise
         with torch.no_grad():
-            states, added = text_embeddings(self.components, batch["input_ids"], self.image_size, dev, self.weight_dtype)
+            states, added = text_embeddings(self.components, batch["input_ids"], self.image_size, dev,
+                                            self.weight_dtype)
         with self.acc.autocast():
             pred = self.model(zt.to(self.input_dtype), t, states, added_cond_kwargs=added).sample
         noise_loss = F.mse_loss(pred.float(), target.float())
@@ -318,7 +322,8 @@ class Trainer:
         if cfg.run.tensorboard:
             self.acc.init_trackers("cosmiclite", config={"stage": cfg.stage})
         log = _CsvLog(self.output / "log.csv", self.acc.is_main_process, append=resume, after_step=self.step)
-        bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.stage}", disable=not self.acc.is_local_main_process)
+        bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.stage}",
+                   disable=not self.acc.is_local_main_process)
         step_fn = self.vae_step if cfg.stage == "vae" else self.daring_step
         self.prepare_data()
         params = self.trainable_parameters()
