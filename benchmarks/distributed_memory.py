@@ -6,7 +6,7 @@ frozen) trains `--steps` optimizer steps with HOLA at 512 px, batch 1, bf16, gra
 deepspeed_zero2 (skipped with a note where deepspeed is not installed) and fsdp. Per config: this process's peak
 `torch.cuda.max_memory_allocated` and the median s/step after the first step (from log.csv), and the ratios to
 single_gpu. On one GPU ZeRO-2 and FSDP cannot shard anything: the figures show that the configs run and what
-their machinery costs; the savings come with N GPUs (README "Scaling out": computed table).
+their machinery costs; the savings come with N GPUs (docs/results.md, Scaling out: the computed table).
 
     python benchmarks/distributed_memory.py [--steps 6]
 

@@ -9,7 +9,7 @@ The HOLA run is the demo's (`demo.lora_config`, seed 0, beta = `DemoConfig.hola_
 (any `hola:` keys of the config as JSON: beta, normalize, resolutions, ...) applied over it. `--baseline` also trains beta = 0 and reports the paired difference: Acc_all and
 mean attention mass of HOLA minus noise-only, and a 95 % bootstrap interval (2,000 resamples of the held-out
 people) for the difference in per-image accuracy. Prints one JSON line and writes OUT/NAME.json;
-benchmarks/results/hola_setting-*.json and README (Main job, Training) record the runs.
+benchmarks/results/hola_setting-*.json and docs/results.md record the runs.
 """
 import argparse
 import json

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cosmiclite.judge import JUDGE_WEIGHTS, Augment, as_batch, load_judge, render_batch, vae_reconstructor
+from cosmiclite.judge import JUDGE_WEIGHTS, as_batch, load_judge
+from cosmiclite.judge_train import Augment, render_batch, vae_reconstructor
 from cosmiclite.metrics import semantic_accuracy
 from cosmiclite.models import TOY_MODEL_DIR
 

@@ -179,7 +179,8 @@ def cmd_generate(args) -> int:
 # --- train-judge -----------------------------------------------------------------------------------------
 def cmd_train_judge(args) -> int:
     """Train the toy world's attribute judge (Sec. 5.1) and record its held-out accuracy."""
-    from .judge import JUDGE_WEIGHTS, Augment, JudgeTrainConfig, train_judge, vae_reconstructor
+    from .judge import JUDGE_WEIGHTS
+    from .judge_train import Augment, JudgeTrainConfig, train_judge, vae_reconstructor
 
     cfg = JudgeTrainConfig(steps=args.steps, batch=args.batch, pool=args.pool, threads=args.threads,
                       seed=args.seed, eval_seeds=args.eval_seeds, lr=args.lr, init=args.init,

@@ -5,7 +5,7 @@ under DDP, DeepSpeed ZeRO-2 and FSDP, COMPUTED from parameter counts and a forwa
 
 `memory_estimate` follows the ZeRO paper's accounting (Rajbhandari et al. 2020); `memory_table` fills it in for
 an architecture of `cosmiclite.models` ("sd15", "sdxl"), with `fsdp_unit_params` and `activation_estimate` read
-off a UNet built on the meta device (no memory, no arithmetic). README "Scaling out" and notebook 07 show the
+off a UNet built on the meta device (no memory, no arithmetic). docs/results.md (Scaling out) and notebook 07 show the
 tables; `cosmiclite.train` runs the modes.
 
 But: these are estimates, not measurements; the CUDA allocator's fragmentation and cuDNN/cuBLAS workspaces are

@@ -14,7 +14,6 @@ from cosmiclite.judge import (
     JUDGE_CONFIG,
     JUDGE_WEIGHTS,
     TRAIN_SEED_START,
-    Augment,
     CNNJudge,
     Judge,
     JudgeConfig,
@@ -23,6 +22,7 @@ from cosmiclite.judge import (
     as_batch,
     load_judge,
 )
+from cosmiclite.judge_train import Augment
 
 TEST_SEEDS = range(5_000_000, 5_000_200)
 
@@ -188,7 +188,7 @@ def test_bad_size_error():
 
 
 def test_fine_parse_stride_reads_regions_at_half_the_side(tmp_path):
-    from cosmiclite.judge import JudgeTrainConfig, train_judge
+    from cosmiclite.judge_train import JudgeTrainConfig, train_judge
     judge, info = train_judge(JudgeTrainConfig(steps=2, batch=8, pool=24, threads=1, eval_seeds=8, parse_stride=2),
                               out=tmp_path / "j.safetensors", progress=False)
     logits, parse = judge.net(torch.rand(2, 3, 64, 64))
@@ -228,7 +228,7 @@ def test_oracle_judge_is_a_judge():
 
 
 def test_train_judge_runs_and_reconstructs_only_its_vae_pool(tmp_path):
-    from cosmiclite.judge import JudgeTrainConfig, train_judge
+    from cosmiclite.judge_train import JudgeTrainConfig, train_judge
     seen = []
     aug = Augment(vae=lambda t: (seen.append(len(t)), 1 - t)[1], vae_p=0.5)
     cfg = JudgeTrainConfig(steps=3, batch=8, pool=40, vae_pool=16, threads=1, eval_seeds=10)
@@ -266,7 +266,8 @@ def test_finer_widens_a_judge_without_changing_what_it_says(judge, people):
 
 
 def test_deeper_adds_blocks_without_changing_what_the_judge_says(judge, people, tmp_path):
-    from cosmiclite.judge import JudgeTrainConfig, deeper, train_judge
+    from cosmiclite.judge import deeper
+    from cosmiclite.judge_train import JudgeTrainConfig, train_judge
     deep = deeper(judge)
     assert deep.cfg.fine_blocks == judge.cfg.fine_blocks + 1 and len(deep.net.refine) == deep.cfg.fine_blocks
     assert sum(p.numel() for p in deep.net.parameters()) > sum(p.numel() for p in judge.net.parameters())
@@ -305,7 +306,7 @@ def test_train_judge_command_records_the_vae_share_and_blocks(tmp_path):
 
 
 def test_render_pool_is_the_same_people_with_any_number_of_workers():
-    from cosmiclite.judge import render_pool
+    from cosmiclite.judge_train import render_pool
     from cosmiclite.toyworld import render
     one = render_pool(500, 2003, workers=1, progress=False)            # two chunks: 2000 + 3
     two = render_pool(500, 2003, workers=2, progress=False)

@@ -11,7 +11,6 @@ import argparse
 import csv
 import ctypes
 import json
-import math
 import os
 import platform
 import sys
@@ -32,9 +31,6 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 from diffusers import UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from peft import LoraConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -49,6 +45,15 @@ from .components import load_components, text_embeddings
 from .config import ConfigError, TrainConfig, load_config
 from .data import DROP, LATENT, NOISE, TIME, TrainData, per_sample_rand, per_sample_randn, sample_timesteps
 from .export import save_full_pipeline, save_lora
+from .setup import (
+    captured_sides,
+    fill_deepspeed_config,
+    freeze_conditioning,
+    make_ema,
+    make_optimizer,
+    prepare_trainable,
+    trainable_parameters,
+)
 
 __all__ = ["Trainer", "train", "run_cli", "keep_freed_memory"]
 
@@ -116,14 +121,17 @@ class Trainer:
             raise ConfigError("ema is set but FSDP shards the UNet's weights (an EMA would hold shards): use DDP "
                               "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 for EMA, or set `ema: null`")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.run.mixed_precision, torch.float32)
-        self.components = self._load_components()
+        self.components = load_components(cfg)
+        if cfg.stage == "unet":
+            freeze_conditioning(self.components, self.acc.device, self.weight_dtype)
+            self.noise_scheduler = models.training_scheduler(self.components["scheduler"])
         self.image_size = cfg.data.image_size
         self.data = TrainData(cfg, self.components, rank=self.rank, world=self.world)
-        self.model = self._prepare_trainable()
-        self.ema = self._make_ema(self.model) if cfg.ema is not None else None   # fp32 copies, before any cast
-        self.optimizer, self.lr_scheduler = self._optimizer()
+        self.model = prepare_trainable(cfg, self.components, self.acc.device, self.weight_dtype)
+        self.ema = make_ema(cfg, self.model) if cfg.ema is not None else None   # fp32 copies, before any cast
+        self.optimizer, self.lr_scheduler = make_optimizer(cfg, self.trainable_parameters(), self.world)
         if self.is_deepspeed:
-            self._fill_deepspeed_config()
+            fill_deepspeed_config(self.acc.state.deepspeed_plugin.deepspeed_config, cfg, self.world)
         self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(self.model, self.optimizer, self.lr_scheduler)
         # The UNet's input dtype: autocast casts for DDP/FSDP/one process; DeepSpeed (and the LoRA base) hold the
         # weights themselves in the training dtype, so z_t must come in that dtype.
@@ -134,106 +142,15 @@ class Trainer:
         if cfg.stage == "unet" and cfg.hola.beta > 0:
             # installed on the unwrapped UNet (the module inside DDP / the DeepSpeed engine / the root FSDP unit),
             # whose forward every wrapper calls, so every attention layer records as in one process
-            self.hola_sides = tuple(cfg.hola.sides(self._captured_sides(), self.image_size))
+            self.hola_sides = tuple(cfg.hola.sides(captured_sides(self.components, self.image_size), self.image_size))
             self._capture = capture_cross_attention(self.acc.unwrap_model(self.model), "training",
                                                     resolutions=self.hola_sides, **cfg.hola.capture_options())
             self.store = self._capture.__enter__()
         self.step = 0
 
     # ---- models
-    def _load_components(self) -> dict:
-        comps = load_components(self.cfg)
-        if self.cfg.stage == "vae":
-            return comps
-        dev = self.acc.device
-        for k in ("vae", "text_encoder", "text_encoder_2"):
-            if k in comps:
-                comps[k].requires_grad_(False).eval().to(dev)
-                if self.weight_dtype != torch.float32 and not (k == "vae" and dev.type == "cpu"):
-                    comps[k].to(dtype=self.weight_dtype)
-        self.noise_scheduler = models.training_scheduler(comps["scheduler"])
-        return comps
-
-    def _captured_sides(self) -> list[int]:
-        """Map sides of the UNet's cross-attention layers at this image size (one dry shape walk, no forward)."""
-        unet = self.components["unet"]
-        latent = self.image_size // 2 ** (len(self.components["vae"].config.block_out_channels) - 1)
-        sides, s = [], latent
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sides.append(s)
-            if block.downsamplers is not None:
-                s = math.ceil(s / 2)
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            sides.append(s)
-        return sorted(set(sides))
-
-    def _prepare_trainable(self) -> torch.nn.Module:
-        """The module the optimizer trains, with requires_grad set on exactly its trainable parameters."""
-        cfg = self.cfg
-        if cfg.stage == "vae":
-            vae = self.components["vae"].to(self.acc.device)
-            vae.requires_grad_(True).train()
-            return vae
-        unet = self.components["unet"]
-        if cfg.lora is not None:
-            unet.requires_grad_(False).to(self.acc.device)
-            if self.weight_dtype != torch.float32:   # the frozen base in half precision, the adapter in fp32
-                unet.to(dtype=self.weight_dtype)
-            # The adapter's initial A matrices come from torch's global RNG, which torch seeds at random in every
-            # process and a pretrained model's loading does not reseed: draw them from cfg.seed alone (the same run
-            # in any process), leaving the global RNG as found
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                            init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
-            for p in unet.parameters():      # trainable LoRA weights stay in fp32 under fp16/bf16
-                if p.requires_grad:
-                    p.data = p.data.float()
-            if not any(p.requires_grad for p in unet.parameters()):
-                raise ConfigError(f"lora.targets={cfg.lora.targets} matched no UNet module: use attention "
-                                  "projection names such as to_q, to_k, to_v, to_out.0")
-        else:
-            unet.requires_grad_(True).to(self.acc.device)
-        unet.train()
-        if cfg.run.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return unet
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer steps and the gradient clipping measures: the one place trainable weights are named."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def _optimizer(self):
-        o, r = self.cfg.optim, self.cfg.run
-        lr = o.lr * (global_batch(r.batch_size, self.world, r.grad_accum) if o.scale_lr else 1)
-        if o.use_8bit_adam:
-            import bitsandbytes as bnb  # noqa: PLC0415  (optional, CUDA only; check_config checked it is installed)
-            opt_cls = bnb.optim.AdamW8bit
-        else:
-            opt_cls = torch.optim.AdamW
-        opt = opt_cls(self.trainable_parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        # counted in optimizer steps: the loop steps it once per optimizer step (step_scheduler_with_optimizer=False)
-        sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=r.max_steps)
-        return opt, sched
-
-    def _fill_deepspeed_config(self) -> None:
-        """DeepSpeed reads batch, accumulation and clipping from its own config: fill them from the cosmiclite
-        config (no dataloader is prepared, so accelerate cannot infer the micro-batch)."""
-        ds = self.acc.state.deepspeed_plugin.deepspeed_config
-        r = self.cfg.run
-        ds["train_micro_batch_size_per_gpu"] = r.batch_size
-        ds["gradient_accumulation_steps"] = r.grad_accum
-        ds["train_batch_size"] = global_batch(r.batch_size, self.world, r.grad_accum)
-        ds["gradient_clipping"] = float(self.cfg.optim.max_grad_norm or 0.0)
-        if self.cfg.optim.use_8bit_adam:
-            ds["zero_allow_untested_optimizer"] = True
-
-    def _make_ema(self, unet) -> EMAModel:
-        e = self.cfg.ema
-        return EMAModel(list(unet.parameters()), decay=e.decay, update_after_step=e.update_after_step,
-                        use_ema_warmup=e.use_ema_warmup, inv_gamma=e.inv_gamma, power=e.power,
-                        model_cls=type(unet), model_config=unet.config)
+        return trainable_parameters(self.model)
 
     # ---- checkpoints
     def save_checkpoint(self) -> Path:
@@ -410,31 +327,9 @@ class Trainer:
                 self.ema.copy_to(model.parameters())
             save_full_pipeline(self.cfg, self.components, model, self.output / "pipeline")
 
-    @contextmanager
-    def _sampling_weights(self, unet):
-        """For sampling: the EMA weights in the UNet (diffusers' store / copy_to / restore) if there is an EMA, and
-        the training capture paused (guidance doubles the batch; the capture has nothing to record there)."""
-        params = list(unet.parameters())
-        res = self.store.resolutions if self.store is not None else None
-        if self.store is not None:
-            self.store.resolutions = ()
-        if self.ema is not None:
-            self.ema.store(params)
-            self.ema.copy_to(params)
-        try:
-            yield unet
-        finally:
-            if self.ema is not None:
-                self.ema.restore(params)
-            if self.store is not None:
-                self.store.resolutions = res
-
-    @torch.no_grad()
     def render_validation_images(self) -> Path | None:
-        """Images for the validation prompts with the current weights (the EMA weights when `ema:` is set), on
-        the main process only: OUTPUT/validation/step-N.png. Skipped under FSDP (no process holds the weights)."""
-        v = self.cfg.validation
-        if not v.prompts or not self.acc.is_main_process:
+        """Images for the validation prompts (`render_validation_images`), on the main process only."""
+        if not self.cfg.validation.prompts or not self.acc.is_main_process:
             return None
         if self.is_fsdp:
             if not getattr(self, "_warned_fsdp_validation", False):
@@ -442,22 +337,49 @@ class Trainer:
                       "processes); sample from OUTPUT/pipeline after training", file=sys.stderr)
                 self._warned_fsdp_validation = True
             return None
-        comps = dict(self.components)
-        comps["unet"] = self.acc.unwrap_model(self.model)
-        pipe = models.pipeline_from_components(comps)
-        pipe.set_progress_bar_config(disable=True)
-        was_training = comps["unet"].training
-        comps["unet"].eval()
-        with self._sampling_weights(comps["unet"]):
-            imgs = pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance,
-                        height=self.image_size, width=self.image_size, output_type="np",
-                        generator=torch.Generator().manual_seed(v.seed)).images
-        comps["unet"].train(was_training)
-        grid = np.concatenate([(im * 255).round().astype(np.uint8) for im in imgs], axis=1)
-        path = self.output / "validation" / f"step-{self.step}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
-        return path
+        return render_validation_images(self.cfg.validation, self.components, self.acc.unwrap_model(self.model),
+                                        self.image_size, self.output / "validation" / f"step-{self.step}.png",
+                                        store=self.store, ema=self.ema)
+
+
+@contextmanager
+def _sampling_weights(unet, store, ema):
+    """For sampling: the EMA weights in the UNet (diffusers' store / copy_to / restore) if there is an EMA, and the
+    training capture paused (guidance doubles the batch; the capture has nothing to record there)."""
+    params = list(unet.parameters())
+    res = store.resolutions if store is not None else None
+    if store is not None:
+        store.resolutions = ()
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield unet
+    finally:
+        if ema is not None:
+            ema.restore(params)
+        if store is not None:
+            store.resolutions = res
+
+
+@torch.no_grad()
+def render_validation_images(v, components: dict, unet, image_size: int, path: Path, store=None, ema=None) -> Path:
+    """One row of images for the validation prompts `v.prompts` with the UNet's current weights (the EMA weights
+    when there is an EMA) into `path` (OUTPUT/validation/step-N.png)."""
+    comps = dict(components)
+    comps["unet"] = unet
+    pipe = models.pipeline_from_components(comps)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    with _sampling_weights(unet, store, ema):
+        imgs = pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance, height=image_size,
+                    width=image_size, output_type="np", generator=torch.Generator().manual_seed(v.seed)).images
+    unet.train(was_training)
+    grid = np.concatenate([(im * 255).round().astype(np.uint8) for im in imgs], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
 
 
 class _CsvLog:
