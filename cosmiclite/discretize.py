@@ -44,6 +44,7 @@ from typing import Iterable, Sequence
 
 from .captions import END, SEP, Caption
 from .protocol import Protocol, load_protocol
+from .tokenizer import clip_tokenizer
 
 
 class TruncationWarning(UserWarning):
@@ -285,7 +286,6 @@ class Discretizer:
 
     def __init__(self, tokenizer=None, protocol: Protocol | None = None):
         if tokenizer is None:
-            from .tokenizer import clip_tokenizer
             tokenizer = clip_tokenizer()
         self.tokenizer = tokenizer
         self.max_length = min(int(tokenizer.model_max_length), 10_000)
@@ -488,7 +488,6 @@ def _split_phrases(segment: str) -> list[str]:
 def discretizer(tokenizer=None) -> Discretizer:
     """The shared Discretizer of a tokenizer (the built-in CLIP tokenizer when None), built once."""
     if tokenizer is None:
-        from .tokenizer import clip_tokenizer
         tokenizer = clip_tokenizer()
     return _shared(tokenizer)
 

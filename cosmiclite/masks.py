@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import toyworld
+from .captions import compose
+from .discretize import discretize
 from .protocol import Protocol, load_protocol
 
 LIP_LABELS = ("Background", "Hat", "Hair", "Glove", "Sunglasses", "Upper-clothes", "Dress", "Coat", "Socks",
@@ -185,7 +188,7 @@ def plot_mask_set(image: np.ndarray, ms: MaskSet, discretized=None, sizes=None, 
     size, titled with the group's caption phrases and token span (s, e) when `discretized` is given -
     the pairing h_i <-> c_(s_i, e_i) that HOLA (Eq. 3) trains on.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (lazy: matplotlib only for the figure)
 
     sizes = sorted(ms.masks) if sizes is None else list(sizes)
     rows = [i for i, _ in enumerate(ms.names) if ms.present[i] or not only_present]
@@ -222,13 +225,12 @@ def mask_set_viewer(seed: int = 0, size: int = 64, sizes=(8, 16, 32), max_seed: 
     group's mask over the image and at each of `sizes`, beside its phrases and token span. Children:
     ``[HBox([seed, question, answer]), caption (HTML), picture (PNG Image)]``.
     """
-    import ipywidgets as W
+    # lazy: the widget stack (ipywidgets, the editor's HTML, matplotlib through viz) takes about a second to
+    # import, which every user of mask sets (datasets, training, the CLI) would otherwise pay
+    import ipywidgets as W  # noqa: PLC0415
 
-    from . import toyworld
-    from .captions import compose
-    from .discretize import discretize
-    from .viz import png_bytes
-    from .widgets import caption_html
+    from .viz import png_bytes  # noqa: PLC0415
+    from .widgets import caption_html  # noqa: PLC0415
 
     keep = "(as drawn)"
     seed_w = W.IntSlider(value=seed, min=0, max=max_seed, description="seed", continuous_update=False)

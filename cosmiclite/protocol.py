@@ -16,6 +16,7 @@ instead, which is what an image shows.
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import yaml
+from PIL import Image
 
 ASSETS = Path(__file__).parent / "assets"
 PROTOCOL_YAML = ASSETS / "protocol.yaml"
@@ -299,8 +301,6 @@ def resolve_image(ref: str, base_dir: str | Path | None = None) -> Path:
         raise ValueError(f"image reference must be a non-empty string, got {ref!r}; use a path relative to "
                          "the annotation file or 'pkg:PACKAGE/path/inside/it'")
     if ref.startswith("pkg:"):
-        import importlib.resources
-
         package, _, inner = ref[4:].partition("/")
         if not package or not inner:
             raise ValueError(f"image reference {ref!r}: write it as 'pkg:PACKAGE/path/inside/it', e.g. "
@@ -320,8 +320,6 @@ def resolve_image(ref: str, base_dir: str | Path | None = None) -> Path:
 
 def load_image(annotation: Annotation, base_dir: str | Path | None = None):
     """The annotated photo as an RGB PIL image (see `resolve_image` for how `annotation.image` is found)."""
-    from PIL import Image
-
     if annotation.image is None:
         raise ValueError("this annotation has no 'image' field; set Annotation.image to a path relative to "
                          "the annotation file or to 'pkg:PACKAGE/path/inside/it'")

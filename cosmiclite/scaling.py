@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
+
+from .models import architecture
 
 __all__ = ["global_batch", "MemoryEstimate", "memory_estimate", "memory_table", "fsdp_unit_params",
            "activation_estimate"]
@@ -105,7 +108,6 @@ def memory_table(arch: str = "sd15", n_gpus: Sequence[int] = (1, 8), batch_size:
                  mixed_precision: str = "bf16", gradient_checkpointing: bool = True, ema: bool = False) -> list[dict]:
     """Rows of `memory_estimate` (GiB per GPU, computed) for an architecture of cosmiclite.models (e.g. "sd15",
     "sdxl") in every mode and GPU count, with its parameter count, FSDP units and activations from the meta device."""
-    from .models import architecture
     a = architecture(arch)
     size = image_size or a.image_size
     latent = size // 2 ** (len(a.vae["block_out_channels"]) - 1)
@@ -125,7 +127,6 @@ def memory_table(arch: str = "sd15", n_gpus: Sequence[int] = (1, 8), batch_size:
 
 
 def _meta_unet(unet_config: Mapping):
-    from diffusers import UNet2DConditionModel
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(dict(unet_config))
 

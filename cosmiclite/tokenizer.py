@@ -67,7 +67,9 @@ def clip_tokenizer(pad_token: str = END):
     `padding="max_length", truncation=True` for SD's fixed 77 tokens, `return_offsets_mapping=True` for
     character offsets. Treat the returned object as read-only: it is shared by every caller.
     """
-    from transformers import CLIPTokenizer  # the fast, Rust-backed one in transformers >= 5
+    # lazy: transformers takes over a second to import, which `cosmiclite protocol` and the readers of the
+    # protocol alone need not pay; CLIPTokenizer is the fast, Rust-backed one in transformers >= 5
+    from transformers import CLIPTokenizer  # noqa: PLC0415
 
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=MODEL_MAX_LENGTH)
@@ -89,7 +91,7 @@ def load_tokenizer(path_or_id: str | Path, subfolder: str = "tokenizer"):
     holds them directly works too) or a hub id already in the local Hugging Face cache. Nothing is
     downloaded: this kit runs offline.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415  (lazy, as in clip_tokenizer)
 
     path = Path(path_or_id).expanduser()
     if path.is_dir():

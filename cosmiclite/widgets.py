@@ -23,7 +23,12 @@ import html
 import warnings
 from typing import Mapping
 
+import ipywidgets as w
+
+from .captions import compose
+from .discretize import discretize
 from .protocol import Annotation, AnnotationError, Protocol, load_protocol
+from .tokenizer import clip_tokenizer
 
 UNANSWERED = "(unanswered)"
 
@@ -83,8 +88,6 @@ def caption_html(discretized, protocol: Protocol | None = None, tokenizer=None) 
     level (body / outfit / other), span, phrases, tokens and ids; and what truncation at 77 tokens lost.
     Pass the tokenizer the caption was discretized with (None = the built-in CLIP tokenizer).
     """
-    from .tokenizer import clip_tokenizer
-
     protocol = protocol or load_protocol()
     tokenizer = tokenizer or clip_tokenizer()
     colors = group_colors(protocol)
@@ -159,8 +162,6 @@ class AttributeEditor:
 
     def __init__(self, annotation: Annotation | None = None, *, protocol: Protocol | None = None,
                  tokenizer=None):
-        import ipywidgets as w
-
         self.protocol = protocol or (annotation.protocol if annotation is not None else load_protocol())
         self.tokenizer = tokenizer
         self._annotation: Annotation | None = None
@@ -258,9 +259,6 @@ class AttributeEditor:
             self._update()
 
     def _update(self) -> None:
-        from .captions import compose
-        from .discretize import discretize
-
         self._annotation = self._caption = self._discretized = None
         try:
             self._annotation = Annotation(self.answers, self._image, self._source, protocol=self.protocol)
