@@ -92,7 +92,8 @@ def measure(pipe, judge, people, cfg: DemoConfig, name: str = "model") -> dict:
     probe = discretize(compose(annotations[0]), tokenizer=pipe.tokenizer)
     maps = generate_with_attention(pipe, probe.caption, [(g.name, g.span) for g in probe.groups],
                                    steps=cfg.gen_steps, seed=cfg.seed, guidance_scale=cfg.guidance)
-    return {"alignment": align.to_dict(), "accuracy": acc.to_dict(), "images": images, "maps": maps}
+    return {"alignment": align.to_dict(), "matrix": align.matrix(max(align.resolutions)), "accuracy": acc.to_dict(),
+            "images": images, "maps": maps}
 
 
 def fine_tune(cfg: DemoConfig, beta: float, output: str | Path) -> Path:
@@ -163,6 +164,7 @@ def run_demo(cfg: DemoConfig | None = None, **kw) -> dict:
                 out / f"attention_{name}.png")
     plot_losses(runs, out / "03_losses.png")
     plot_alignment(results, out / "04_alignment.png")
+    plot_part_matrices(results, out / "04_part_matrix.png")
     plot_accuracy(results, out / "05_accuracy.png")
     plot_samples(results, [p.annotation for p in people], out / "06_samples.png")
     summary = {
@@ -229,6 +231,18 @@ def plot_alignment(results: dict, path: str | Path | None = None):
     return _finish(fig, path)
 
 
+def plot_part_matrices(results: dict, path: str | Path | None = None):
+    """The group x part matrix of each model side by side ({name: {"matrix": Alignment.matrix()}})."""
+    import matplotlib.pyplot as plt
+
+    from .viz import plot_part_matrix
+    n_parts = max(len(r["matrix"][1]) for r in results.values())
+    fig, axes = plt.subplots(1, len(results), figsize=(len(results) * (0.36 * n_parts + 1.6), 0.36 * n_parts + 1.6))
+    for ax, (name, r) in zip(list(getattr(axes, "flat", [axes])), results.items()):
+        plot_part_matrix(r["matrix"], ax=ax, title=f"{name}: specificity {r['alignment']['specificity']:.2f}")
+    return _finish(fig, path)
+
+
 def plot_accuracy(results: dict, path: str | Path | None = None):
     """Acc_obj/tex/shape/all for each model ({name: {"accuracy": SemanticAccuracy.to_dict()}})."""
     import matplotlib.pyplot as plt
@@ -247,6 +261,7 @@ def plot_accuracy(results: dict, path: str | Path | None = None):
 def plot_samples(results: dict, annotations, path: str | Path | None = None, n: int = 8):
     """The first n generated images of each model, titled with their captions."""
     import matplotlib.pyplot as plt
+
     from .captions import compose
     n = min(n, min(len(r["images"]) for r in results.values()))
     fig, axes = plt.subplots(len(results), n, figsize=(1.4 * n, 1.6 * len(results)), squeeze=False)
@@ -260,6 +275,10 @@ def plot_samples(results: dict, annotations, path: str | Path | None = None, n: 
     return _finish(fig, path)
 
 
+def _resolutions(results: dict) -> list:
+    return sorted(results["base"]["alignment"]["specificity_by_res"], key=int, reverse=True)
+
+
 def _markdown(summary: dict, results: dict) -> str:
     cfg = summary["config"]
     lines = [
@@ -270,12 +289,23 @@ def _markdown(summary: dict, results: dict) -> str:
         f"{summary['seconds']} s in all.", "",
         "![toy people](01_toy_people.png)", "", "![mask set](02_mask_set.png)", "",
         "## Where attention goes (Sec. 4.3)", "",
-        "Fraction of each group's cross-attention mass inside its mask h_i, on the held-out people's noised "
-        "images (t = 250, 500, 750; maps 8x8 and 16x16, mean over heads and layers). A uniform map scores the "
-        "mask's area.", "",
-        "| group | mask area | " + " | ".join(results) + " |",
-        "|---|---|" + "---|" * len(results),
+        "**Part specificity**: each caption group's map density inside its own part's mask over its density inside "
+        "the person's other parts (geometric mean over the outfit groups). 1 = a silhouette or a uniform map; "
+        "far above 1 = each group's attention on its own part. Held-out people's noised images (t = 250, 500, "
+        "750), mean over heads and layers.", "",
+        "| model | specificity " + " | ".join(f"{r}x{r}" for r in _resolutions(results)) + " | lift (person vs "
+        "background) |", "|---|" + "---|" * (len(_resolutions(results)) + 1),
     ]
+    for name, r in results.items():
+        a = r["alignment"]
+        lines.append(f"| {name} | " + " | ".join(f"**{a['specificity_by_res'][res]:.2f}**" for res in
+                                                   _resolutions(results)) + f" | {a['mean_lift']:.2f} |")
+    lines += ["", "The group x part matrix: each group's map density in every part's mask over its density on the "
+              "whole person (finest maps). A silhouette is all ones; decomposed attention a red diagonal.", "",
+              "![part matrix](04_part_matrix.png)", "",
+              "Attention mass inside each group's mask h_i (a uniform map scores the mask's area). Mass and lift "
+              "rise when attention moves from the background onto the person, whichever part it lands on.", "",
+              "| group | mask area | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
     groups = list(results["base"]["alignment"]["by_group"])
     for g in groups:
         area = results["base"]["alignment"]["by_group"][g]["area"]

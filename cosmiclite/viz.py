@@ -138,12 +138,12 @@ def plot_token_maps(result, res: int | None = None, step: int | None = None, tok
 
 
 def plot_part_matrix(alignment, res: int | None = None, ax=None, title: str | None = None):
-    """The group x part matrix (`alignment.Alignment.matrix`): each caption group's map density in every part's
-    mask, relative to its density over the whole person. A silhouette is all ones (white); decomposed attention
-    is a red diagonal (outlined). Log colour scale, 1/4 (blue) to 4 (red)."""
+    """The group x part matrix (an `alignment.Alignment`, or its `.matrix()` tuple): each caption group's map
+    density in every part's mask, relative to its density over the whole person. A silhouette is all ones
+    (white); decomposed attention is a red diagonal (outlined). Log colour scale, 1/4 (blue) to 4 (red)."""
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
-    groups, parts, D = alignment.matrix(res)
+    groups, parts, D = alignment if isinstance(alignment, tuple) else alignment.matrix(res)
     if not groups:
         raise ValueError("the alignment holds no group with a mask in a person (no rows with densities)")
     if ax is None:
@@ -161,8 +161,8 @@ def plot_part_matrix(alignment, res: int | None = None, ax=None, title: str | No
                 ax.text(j, i, f"{D[i, j]:.1f}", ha="center", va="center", fontsize=5.5)
             if g == p:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
-    res = res if res is not None else (max(alignment.resolutions) if alignment.resolutions else None)
-    ax.set_title(title or f"density in each part / density on the person ({res}x{res})", fontsize=8)
+    where = "" if isinstance(alignment, tuple) else f" ({res or max(alignment.resolutions)}x)"
+    ax.set_title(title or f"density in each part / density on the person{where}", fontsize=8)
     ax.figure.colorbar(img, ax=ax, fraction=0.04, pad=0.02)
     ax.figure.tight_layout()
     return ax.figure
@@ -200,6 +200,7 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
 def png_bytes(fig, dpi: int = 90) -> bytes:
     """A figure as PNG bytes (for an ipywidgets Image), the figure closed."""
     import io
+
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
