@@ -166,6 +166,26 @@ def _person_rows(maps: torch.Tensor, ms, d, res: int, t: int, person: int) -> li
     return rows
 
 
+def _training_view(pipe, people, timesteps, resolutions, gen: torch.Generator):
+    """Yield (t, discretized captions, {res: (b, 77, r, r) token maps}) for people noised to z_t (the UNet sees
+    each person's own image, so its parsing map is the exact mask set)."""
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    device, dtype = unet.device, unet.dtype
+    scheduler = training_scheduler(pipe.scheduler)
+    ds = [discretize(compose(p.annotation), tokenizer=tokenizer) for p in people]
+    x = torch.stack([torch.from_numpy(p.image).permute(2, 0, 1) for p in people]).float() / 127.5 - 1
+    with torch.no_grad():
+        ids = torch.tensor([d.input_ids for d in ds], device=device)
+        emb = text_encoder(ids)[0].to(dtype)
+        z0 = vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen).to(z0)
+        tt = torch.full((len(people),), int(t), device=device, dtype=torch.long)
+        with torch.no_grad(), capture_cross_attention(unet, "inference", resolutions) as store:
+            unet(scheduler.add_noise(z0, noise, tt).to(dtype), tt, emb)
+        yield int(t), ds, {res: maps[0] for res, maps in store.token_maps().items()}
+
+
 def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=None, seed: int = 0,
                         batch: int = 16) -> Alignment:
     """Where each caption group's cross-attention goes, on people with exact masks (Sec. 4.3).
@@ -177,26 +197,25 @@ def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=Non
     compared with the person's masks at the map's resolution: mass in h_i, part specificity, and its density
     in every part. This is the training-time view (the model sees a real image), so the masks are exact.
     """
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    device, dtype = unet.device, unet.dtype
-    scheduler = training_scheduler(pipe.scheduler)
     gen = torch.Generator().manual_seed(seed)
     people, rows = list(people), []
     for start in range(0, len(people), batch):
         chunk = people[start:start + batch]
-        ds = [discretize(compose(p.annotation), tokenizer=tokenizer) for p in chunk]
-        x = torch.stack([torch.from_numpy(p.image).permute(2, 0, 1) for p in chunk]).float() / 127.5 - 1
-        with torch.no_grad():
-            ids = torch.tensor([d.input_ids for d in ds], device=device)
-            emb = text_encoder(ids)[0].to(dtype)
-            z0 = vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        for t in timesteps:
-            noise = torch.randn(z0.shape, generator=gen).to(z0)
-            tt = torch.full((len(chunk),), int(t), device=device, dtype=torch.long)
-            with torch.no_grad(), capture_cross_attention(unet, "inference", resolutions) as store:
-                unet(scheduler.add_noise(z0, noise, tt).to(dtype), tt, emb)
-            for res, maps in store.token_maps().items():        # (1, b, 77, r, r)
+        for t, ds, token_maps in _training_view(pipe, chunk, timesteps, resolutions, gen):
+            for res, maps in token_maps.items():
                 for k, (p, d) in enumerate(zip(chunk, ds)):
-                    ms = mask_set(p.parsing, sizes=(res,))
-                    rows += _person_rows(maps[0, k], ms, d, res, t, start + k)
+                    rows += _person_rows(maps[k], mask_set(p.parsing, sizes=(res,)), d, res, t, start + k)
     return Alignment(rows)
+
+
+def training_view_maps(pipe, person, timesteps=(250, 500, 750), res: int | None = None, seed: int = 0):
+    """One person's group maps in the training view, averaged over `timesteps`: ({group: (r, r) map}, MaskSet,
+    discretized caption). Every group of the caption is drawn, those without a mask (c_other) included."""
+    gen = torch.Generator().manual_seed(seed)
+    acc, d = None, None
+    for _, ds, token_maps in _training_view(pipe, [person], timesteps, None if res is None else (res,), gen):
+        r = res if res is not None else max(token_maps)
+        d, m = ds[0], token_maps[r][0]
+        acc = m if acc is None else acc + m
+    G = group_maps(acc / len(timesteps), [g.span for g in d.groups], token_dim=0)
+    return {g.name: G[i] for i, g in enumerate(d.groups)}, mask_set(person.parsing, sizes=(r,)), d

@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from cosmiclite import toyworld
-from cosmiclite.alignment import Alignment, _person_rows, attention_alignment, part_densities, part_specificity
-from cosmiclite.discretize import discretize
+from cosmiclite.alignment import (
+    Alignment,
+    _person_rows,
+    attention_alignment,
+    part_densities,
+    part_specificity,
+    training_view_maps,
+)
 from cosmiclite.captions import compose
+from cosmiclite.discretize import discretize
 from cosmiclite.masks import mask_set
 from cosmiclite.models import build_pipeline
 
@@ -77,3 +84,13 @@ def test_attention_alignment_reports_specificity_and_the_matrix():
     # an untrained UNet attends nearly uniformly: no part is singled out
     assert 0.8 < a.specificity(16) < 1.25
     assert all(r["specificity"] is None for r in a.rows if r["group"] == "body")
+
+
+def test_training_view_maps_give_every_group_of_the_caption_a_map_and_the_mask_set():
+    torch.manual_seed(0)
+    pipe = build_pipeline("toy")
+    person = toyworld.render(20_000_026)
+    maps, ms, d = training_view_maps(pipe, person, timesteps=(500,), res=16)
+    assert list(maps) == [g.name for g in d.groups] and "other" in maps
+    assert all(m.shape == (16, 16) and (m >= 0).all() for m in maps.values())
+    assert set(ms.masks) == {16} and ms.present[ms.names.index("tops")]
