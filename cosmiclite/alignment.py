@@ -128,6 +128,20 @@ class Alignment:
                     D[i, j] = float(np.mean(vals))
         return groups, parts, D
 
+    def describe(self, res: int | None = None) -> str:
+        """One sentence reading the numbers: what the maps do, at `res` (default the finest)."""
+        res = res if res is not None else max(self.resolutions)
+        spec, lift = self.specificity(res), sum(v["lift"] for v in self.by_group(res).values()) / max(
+            len(self.by_group(res)), 1)
+        if spec >= 1.5:
+            what = "each group's map sits mostly on its own part"
+        elif spec >= 1.15:
+            what = "the groups' maps lean towards their own parts, but overlap widely"
+        else:
+            what = ("the groups share one map: attention lands " +
+                    ("on the person, not on each part" if lift >= 1.15 else "everywhere alike, person or background"))
+        return f"part specificity {spec:.2f} at {res}x{res} (lift {lift:.2f}): {what}"
+
     def to_dict(self) -> dict:
         finest = max(self.resolutions) if self.resolutions else None
         groups, parts, D = self.matrix(finest)

@@ -163,7 +163,9 @@ def plot_part_matrix(alignment, res: int | None = None, ax=None, title: str | No
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="black"))
     where = "" if isinstance(alignment, tuple) else f" ({res or max(alignment.resolutions)}x)"
     ax.set_title(title or f"density in each part / density on the person{where}", fontsize=8)
-    ax.figure.colorbar(img, ax=ax, fraction=0.04, pad=0.02)
+    bar = ax.figure.colorbar(img, ax=ax, fraction=0.04, pad=0.02, ticks=[0.25, 0.5, 1, 2, 4])
+    bar.ax.set_yticklabels(["1/4", "1/2", "1", "2", "4"], fontsize=7)
+    bar.ax.minorticks_off()
     ax.figure.tight_layout()
     return ax.figure
 

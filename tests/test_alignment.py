@@ -69,8 +69,10 @@ def test_matrix_is_ones_for_a_silhouette_and_diagonal_for_decomposed_maps():
             # soft 16x16 masks share their boundary cells, so a map equal to its own mask is not infinitely specific
             assert (diag > 1.5).all() and a.specificity(16) > 5
             assert all(v["specificity"] > 2 for g, v in a.by_group(16).items() if g != "body")
+            assert "its own part" in a.describe()
         else:
             assert np.nanmax(np.abs(D - 1)) < 1e-5 and a.specificity(16) == pytest.approx(1.0)
+            assert "share one map" in a.describe() and "on the person" in a.describe()
 
 
 def test_attention_alignment_reports_specificity_and_the_matrix():
