@@ -31,6 +31,10 @@ them in practice:
   resolution are skipped there (`empty_masks="skip"`), so the loss stays finite and pulls nothing to 0.
 * α = β = 1, and the mask loss is dropped for 10 % of samples (`drop_prob=0.1`, see `sample_keep`).
 
+Reading order: `eq3_bracket` is Eq. 3's bracket written as the formula (the reference), `hola_terms` the batch
+reduction around it with every option above, `daring_loss` Eq. 4. Training computes the same bracket with the
+fused kernel of `cosmiclite.hola_fused` (`hola_terms(..., bracket=fused_eq3_bracket)`: same values and gradients).
+
 But: maps are compared at the resolutions the caller captures; masks are resized here (bilinear, as
 CosmicMan) only when the caller did not supply that resolution. Spans must not overlap (each token
 belongs to at most one group) — the discretizer guarantees that, and this module checks it.

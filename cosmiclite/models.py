@@ -69,7 +69,7 @@ class Architecture:
 _SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 # The toy model's schedule: cosine (squaredcos_cap_v2), which suits 16x16 latents better than scaled_linear.
-# Pitfall (DESIGN.md): a DDIM made from a squaredcos DDPM config inherits clip_sample=True and gives washed-out
+# Pitfall: a DDIM made from a squaredcos DDPM config inherits clip_sample=True and gives washed-out
 # samples, so clip_sample=False is written out here.
 _TOY_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                      set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -112,7 +112,7 @@ def _clip(hidden, layers, heads, intermediate, projection=None, act="quick_gelu"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    # The recipe DESIGN.md reports learning to follow prompts on CPU: UNet 3.22 M, VAE 0.95 M params.
+    # The recipe that learned to follow prompts on CPU (docs/results.md): UNet 3.22 M, VAE 0.95 M params.
     "toy": Architecture(
         "toy", "sd",
         unet=_sd_unet((32, 64, 128), cross_dim=128, heads=8, layers=1, sample=16),
