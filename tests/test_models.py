@@ -97,3 +97,17 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="sd15"):
         models.architecture("sd3")
+
+
+def test_a_stock_stable_diffusion_pipeline_generates_from_the_shipped_toy_model():
+    """What a diffusers user tries first: no kit code, no dtype argument, no cast."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from cosmiclite.models import TOY_MODEL_DIR
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {torch.float32}
+    out = pipe("A full-body shot, red t-shirt, blue jeans.", num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and 0.0 <= out.images.min() <= out.images.max() <= 1.0
