@@ -146,6 +146,7 @@ class Alignment:
         finest = max(self.resolutions) if self.resolutions else None
         groups, parts, D = self.matrix(finest)
         return {"mean_mass": self.mean_mass, "mean_lift": self.mean_lift, "specificity": self.specificity(),
+                "describe": self.describe() if self.resolutions else "",
                 "specificity_by_res": {r: self.specificity(r) for r in self.resolutions},
                 "by_group": self.by_group(),
                 "matrix": {"res": finest, "groups": groups, "parts": parts,

@@ -337,7 +337,7 @@ def load_toy_pipeline(folder: str | Path | None = None, device=None):
             f"toy model: no trained toy model at {folder} (model_index.json missing). Train one with the kit's "
             f"training code (`cosmiclite.train`, see the README), which writes it there, or pass --model PATH to "
             f"a pipeline folder (e.g. one written by cosmiclite.models.save_pipeline(toy_components(), PATH)).")
-    # fp32 compute: the frozen toy text encoder is stored in fp16 to keep the shipped model small
+    # fp32 compute whatever the folder stores (toy models trained with model.text_encoder_fp16 keep it in fp16)
     return load_pipeline(folder, torch_dtype=torch.float32, device=device)
 
 
