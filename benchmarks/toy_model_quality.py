@@ -4,7 +4,9 @@ Generates one image per held-out toy person (seeds the toy model, the judge and 
 from its composed caption, asks the toy judge every question the annotation answers, and reports
 Acc_obj/tex/shape/all beside what uniform guessing scores and what the judge scores on the people's own
 renders (the ceiling a perfect generator would reach), plus the attention mass inside the masks
-(`metrics.attention_alignment`). The "ratio" is Acc_all over chance (> 1: the prompt is followed).
+(`alignment.attention_alignment`: mass in mask, part specificity, the group x part matrix). The "ratio" holds
+Acc_all over chance (> 1: the prompt is followed), Acc_all over the ceiling, and the part specificity of the
+16x16 maps (1: one map shared by every part; far above 1: each group on its own part).
 
     python benchmarks/toy_model_quality.py [--quick] [--model DIR]
 
@@ -57,6 +59,8 @@ def main() -> None:
         "chance": acc.chance,
         "judge_on_real_renders": {k: getattr(ceiling, k) for k in ("acc_obj", "acc_tex", "acc_shape", "acc_all")},
         "ratio": {"acc_all_over_chance": acc.acc_all / acc.chance["all"],
+                  "acc_all_over_ceiling": acc.acc_all / ceiling.acc_all,
+                  "part_specificity_16": align.specificity(16),
                   "attention_mass_over_area": align.mean_lift},
         "per_question": {q.id: {"accuracy": q.accuracy, "chance": q.chance_uniform, "asked": q.asked}
                          for q in acc.questions},
