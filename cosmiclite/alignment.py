@@ -154,7 +154,7 @@ class Alignment:
                 "n_rows": len(self.rows)}
 
 
-def _person_rows(maps: torch.Tensor, ms, d, res: int, t: int, person: int) -> list[dict]:
+def person_rows(maps: torch.Tensor, ms, d, res: int, t: int, person: int) -> list[dict]:
     """The rows of one person at one resolution and timestep (maps: (77, r, r) token maps)."""
     named = [(g.name, g.span) for g in d.groups if g.name in ms.names and ms.present[ms.names.index(g.name)]]
     if not named:
@@ -219,7 +219,7 @@ def attention_alignment(pipe, people, timesteps=(250, 500, 750), resolutions=Non
         for t, ds, token_maps in _training_view(pipe, chunk, timesteps, resolutions, gen):
             for res, maps in token_maps.items():
                 for k, (p, d) in enumerate(zip(chunk, ds)):
-                    rows += _person_rows(maps[k], mask_set(p.parsing, sizes=(res,)), d, res, t, start + k)
+                    rows += person_rows(maps[k], mask_set(p.parsing, sizes=(res,)), d, res, t, start + k)
     return Alignment(rows)
 
 

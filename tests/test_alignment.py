@@ -6,10 +6,10 @@ import torch
 from cosmiclite import toyworld
 from cosmiclite.alignment import (
     Alignment,
-    _person_rows,
     attention_alignment,
     part_densities,
     part_specificity,
+    person_rows,
     training_view_maps,
 )
 from cosmiclite.captions import compose
@@ -61,7 +61,7 @@ def test_matrix_is_ones_for_a_silhouette_and_diagonal_for_decomposed_maps():
         if g.name in names:
             own[s:e] = ms.mask(g.name, 16)
     for maps, diag_high in ((silhouette, False), (own, True)):
-        a = Alignment(_person_rows(maps, ms, d, 16, 500, 0))
+        a = Alignment(person_rows(maps, ms, d, 16, 500, 0))
         groups, parts, D = a.matrix(16)
         assert groups[0] == "body" and "body" not in parts
         diag = np.array([D[groups.index(q), j] for j, q in enumerate(parts)])
