@@ -36,6 +36,10 @@ out (compositional experiments); both are validated against the protocol and the
 
 But: one front-facing pose (standing, arms down), no occlusion by other people, no lighting, no
 anti-aliasing (the parsing map stays exact), a cartoon body. Real photos are a different distribution.
+
+Why one module of ~900 lines: sampling an outfit, drawing it and answering the protocol about the drawing share
+one world record and its geometry (what is in frame, at what scale, which colours stay apart), and the honesty
+rules above are about how the three agree; split, each part would reach into the others' internals.
 """
 from __future__ import annotations
 
