@@ -281,8 +281,10 @@ def cmd_demo(args) -> int:
     s = run_demo(cfg)
     print(f"report: {args.out}/report.md  ({s['seconds']} s)")
     for name, m in s["models"].items():
-        print(f"  {name:<16} attention mass in mask {m['alignment']['mean_mass']:.3f}   "
-              f"Acc_all {100 * m['accuracy']['acc_all']:.1f}")
+        a = m["alignment"]
+        finest = max(a["specificity_by_res"], key=int)
+        print(f"  {name:<16} part specificity {a['specificity_by_res'][finest]:.2f} ({finest}x{finest})   "
+              f"lift {a['mean_lift']:.2f}   Acc_all {100 * m['accuracy']['acc_all']:.1f}")
     d = s["hola_minus_noise_only"]
     print(f"  per-image accuracy, HOLA minus noise only: {100 * d['mean']:+.1f} points "
           f"(95 % interval {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}, {d['images']} people)")
