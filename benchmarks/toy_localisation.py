@@ -176,7 +176,8 @@ def evaluate(unet, te, vae, scheduler, tokenizer, people, pad_mask: bool) -> dic
                 rows += person_rows(maps[0, k], mask_set(p.parsing, sizes=(res,)), d, res, t, k)
     share = store.token_maps()[16][0].sum((-1, -2))
     share = share / share.sum(1, keepdim=True)
-    a, (groups, parts, D) = Alignment(rows), Alignment(rows).matrix(16)
+    a = Alignment(rows)
+    groups, parts, D = a.matrix(16)
     bg = a.by_group(16)
     return {"spec16": a.specificity(16), "spec8": a.specificity(8) if 8 in a.resolutions else None,
             "lift16": sum(v["lift"] for v in bg.values()) / len(bg),

@@ -131,8 +131,8 @@ class Alignment:
     def describe(self, res: int | None = None) -> str:
         """One sentence reading the numbers: what the maps do, at `res` (default the finest)."""
         res = res if res is not None else max(self.resolutions)
-        spec, lift = self.specificity(res), sum(v["lift"] for v in self.by_group(res).values()) / max(
-            len(self.by_group(res)), 1)
+        groups = self.by_group(res)
+        spec, lift = self.specificity(res), sum(v["lift"] for v in groups.values()) / max(len(groups), 1)
         if spec >= 1.5:
             what = "each group's map sits mostly on its own part"
         elif spec >= 1.15:
