@@ -537,18 +537,22 @@ def dataset_card(root: str | Path, protocol: Protocol | None = None) -> dict:
 
 
 def plot_dataset_card(card: dict, path: str | Path) -> Path:
-    """A bar chart of a `dataset_card`: attribute labels per category, split by answer (PNG, Agg)."""
-    import matplotlib  # noqa: PLC0415  (lazy: matplotlib only for this figure)
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    """A bar chart of a `dataset_card`: attribute labels per category, split by answer (PNG).
+
+    Drawn on a bare `matplotlib.figure.Figure`, not through pyplot: the backend is left as found, so a notebook
+    that calls this keeps showing its figures inline."""
+    from matplotlib import colormaps  # noqa: PLC0415  (lazy: matplotlib only for this figure)
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     cats = [(q, v) for q, v in card["per_category"].items() if v]
     fig_h = max(3.0, 0.22 * len(cats) + 1.2)
-    fig, ax = plt.subplots(figsize=(9, fig_h), dpi=100)
+    fig = Figure(figsize=(9, fig_h), dpi=100)
+    ax = fig.subplots()
+    tab20 = colormaps["tab20"]
     for i, (q, v) in enumerate(cats):
         left = 0
         for j, (a, n) in enumerate(v.items()):
-            ax.barh(i, n, left=left, color=plt.cm.tab20(j % 20), edgecolor="white", linewidth=0.5)
+            ax.barh(i, n, left=left, color=tab20(j % 20), edgecolor="white", linewidth=0.5)
             if n >= 0.06 * max(1, card["images"]):
                 ax.text(left + n / 2, i, a, ha="center", va="center", fontsize=6)
             left += n
@@ -562,5 +566,4 @@ def plot_dataset_card(card: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path

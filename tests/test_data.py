@@ -153,3 +153,20 @@ def test_dataset_card_and_cli(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["images"] == 5 and (out / "dataset_card.png").is_file()
     assert main(["dataset-card", str(tmp_path / "nope")]) == 2
+
+
+def test_the_dataset_card_chart_leaves_the_matplotlib_backend_as_found(tmp_path):
+    """In a notebook the inline backend must survive drawing the card, or every later figure vanishes."""
+    import matplotlib
+
+    from cosmiclite.cli import main
+    from cosmiclite.data import plot_dataset_card
+    out = tmp_path / "toy"
+    assert main(["toyworld", "--n", "3", "--out", str(out), "--size", "32"]) == 0
+    before = matplotlib.get_backend()
+    with matplotlib.rc_context({"backend": "svg"}):    # stands in for a notebook's inline backend
+        matplotlib.use("svg")
+        png = plot_dataset_card(dataset_card(out), tmp_path / "card.png")
+        assert matplotlib.get_backend() == "svg"
+    matplotlib.use(before)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
