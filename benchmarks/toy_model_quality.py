@@ -69,7 +69,13 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / "toy_model_quality-cpu-2core.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    if out.is_file():   # the readings before this one move under "earlier", newest first
+        before = json.loads(out.read_text())
+        earlier = before.pop("earlier", [])
+        result["earlier"] = [{k: v for k, v in before.items() if k != "per_question"}] + earlier
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
     print(json.dumps(result))
 
 
