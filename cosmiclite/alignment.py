@@ -148,6 +148,7 @@ class Alignment:
         return {"mean_mass": self.mean_mass, "mean_lift": self.mean_lift, "specificity": self.specificity(),
                 "describe": self.describe() if self.resolutions else "",
                 "specificity_by_res": {r: self.specificity(r) for r in self.resolutions},
+                "finest": finest, "specificity_finest": self.specificity(finest) if finest else float("nan"),
                 "by_group": self.by_group(),
                 "matrix": {"res": finest, "groups": groups, "parts": parts,
                            "values": [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in D]},

@@ -282,8 +282,7 @@ def cmd_demo(args) -> int:
     print(f"report: {args.out}/report.md  ({s['seconds']} s)")
     for name, m in s["models"].items():
         a = m["alignment"]
-        finest = max(a["specificity_by_res"], key=int)
-        print(f"  {name:<16} part specificity {a['specificity_by_res'][finest]:.2f} ({finest}x{finest})   "
+        print(f"  {name:<16} part specificity {a['specificity_finest']:.2f} ({a['finest']}x{a['finest']})   "
               f"lift {a['mean_lift']:.2f}   Acc_all {100 * m['accuracy']['acc_all']:.1f}")
     d = s["hola_minus_noise_only"]
     print(f"  per-image accuracy, HOLA minus noise only: {100 * d['mean']:+.1f} points "

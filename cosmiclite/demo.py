@@ -240,9 +240,8 @@ def plot_part_matrices(results: dict, path: str | Path | None = None):
     fig, axes = plt.subplots(1, len(results), figsize=(len(results) * (0.36 * n_parts + 1.6), 0.36 * n_parts + 1.6))
     for ax, (name, r) in zip(list(getattr(axes, "flat", [axes])), results.items()):
         a = r["alignment"]
-        finest = max(a["specificity_by_res"], key=int)
-        plot_part_matrix(r["matrix"], ax=ax, title=f"{name}: specificity {a['specificity_by_res'][finest]:.2f} "
-                                                   f"({finest}x{finest})")
+        plot_part_matrix(r["matrix"], ax=ax,
+                         title=f"{name}: specificity {a['specificity_finest']:.2f} ({a['finest']}x{a['finest']})")
     return _finish(fig, path)
 
 
